@@ -1,0 +1,74 @@
+"""What a concept is: its trigger, its class word, where its customization comes from, and the run options."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_FORBIDDEN_CLASS_CHARS = re.compile(r"[()\[\]:|<>\\{}]")
+_RESERVED_WORDS = re.compile(r"\b(AND|BREAK)\b")
+
+
+class ConceptError(ValueError):
+    """A concept that cannot be used; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One customized concept in a prompt.
+
+    trigger: the text the user writes (an embedding's own name or a placeholder such as ``<sks>``).
+    class_word: the plain word(s) the base model conditions on in its place (``cat``).
+    source: the name of the embedding that carries the concept; empty means the trigger itself.
+    """
+
+    trigger: str
+    class_word: str
+    source: str = ""
+
+    @property
+    def source_name(self) -> str:
+        return self.source.strip() or self.trigger.strip()
+
+    def validated(self) -> Concept:
+        """Return a stripped copy, or raise ConceptError saying what is wrong."""
+        trigger, class_word, source = self.trigger.strip(), " ".join(self.class_word.split()), self.source.strip()
+        if not trigger:
+            raise ConceptError("a concept row has a class word but no trigger")
+        if not class_word:
+            raise ConceptError(f"concept '{trigger}': the class word is empty")
+        if _FORBIDDEN_CLASS_CHARS.search(class_word) or _RESERVED_WORDS.search(class_word):
+            raise ConceptError(
+                f"concept '{trigger}': the class word '{class_word}' must be plain words "
+                "(no brackets, colons, '|', '<', '>' and not AND/BREAK)"
+            )
+        if trigger.lower() == class_word.lower():
+            raise ConceptError(f"concept '{trigger}': the class word must differ from the trigger")
+        return Concept(trigger, class_word, source)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-generation settings.
+
+    strength: 1 takes the concept rows as they are, 0 keeps the class word's rows, in between blends.
+    step_start/step_end: the fraction of sampling steps during which the concept rows are used.
+    placeholder: the neutral word that stands for every other token of the dummy prompt p'.
+    """
+
+    strength: float = 1.0
+    step_start: float = 0.0
+    step_end: float = 1.0
+    placeholder: str = "*"
+    concepts: tuple[Concept, ...] = field(default_factory=tuple)
+
+    def validated(self) -> Options:
+        if not 0.0 <= self.step_start < self.step_end <= 1.0:
+            raise ConceptError(
+                f"the step range must satisfy 0 <= start < end <= 1 (got {self.step_start}, {self.step_end})"
+            )
+        if not 0.0 <= self.strength <= 2.0:
+            raise ConceptError(f"strength must lie in [0, 2] (got {self.strength})")
+        if not self.placeholder.strip():
+            raise ConceptError("the placeholder word is empty")
+        return self

@@ -1,0 +1,255 @@
+"""The AUTOMATIC1111 WebUI host (v1.10): its text encoder, embedding database, prompt functions and conditioning.
+
+One generation, seen from the script's hooks:
+- ``process``: resolve the concepts; give ``p`` its own cond caches so no spliced conditioning reaches the
+  WebUI's shared cache (``StableDiffusionProcessing.cached_c``).
+- ``process_batch`` (after extra networks are parsed, before ``setup_conds``): rewrite ``p.prompts`` and
+  ``p.hr_prompts`` to class words, and do all per-prompt work (layout, check, encoding of p'). A prompt that fails
+  keeps its original text, so the WebUI renders it as it would without AlignIT.
+- ``process_before_every_sampling``: splice the prepared rows into the conditioning the sampler is about to use
+  (first pass and hires pass). Nothing runs per step, and nothing stays installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from modules import devices, prompt_parser, sd_hijack, sd_samplers, shared
+from modules.sd_hijack_clip import PromptChunkFix
+
+from ..concepts import Concept, ConceptError, Options
+from ..engine import ConceptSource, LayoutMismatch, Splicer
+from ..layout import Chunk, EmbeddingMatch, LayoutOptions
+from ..prompt import rewrite_prompt
+
+log = logging.getLogger("alignit")
+
+STATE_ATTRIBUTE = "alignit_state"
+OVERRIDES_ATTRIBUTE = "alignit_overrides"
+
+
+class Unsupported(RuntimeError):
+    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
+
+
+class A1111Encoder:
+    """The WebUI's own text encoder (``sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords``) as AlignIT sees it."""
+
+    def __init__(self, clip: Any):
+        if not hasattr(clip, "tokenize_line") or not hasattr(clip, "process_tokens"):
+            raise Unsupported("this model's text encoder is not supported yet (AlignIT handles SD1.x and SD2.x in A1111)")
+        if shared.opts.use_old_emphasis_implementation:
+            raise Unsupported("AlignIT does not work with the setting 'Use old emphasis implementation'")
+        self.clip = clip
+        self.id_start = clip.id_start
+        self.id_end = clip.id_end
+        self.comma_token = clip.comma_token
+        self.layout_options = LayoutOptions(
+            parse_emphasis=shared.opts.emphasis != "None",
+            comma_backtrack=shared.opts.comma_padding_backtrack,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.clip.tokenize(list(texts))
+
+    def find_embedding(self, tokens: Sequence[int], position: int) -> EmbeddingMatch | None:
+        embedding, length = self.clip.hijack.embedding_db.find_embedding_at_position(tokens, position)
+        return None if embedding is None else EmbeddingMatch(int(embedding.vectors), length, embedding)
+
+    def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
+        own, _ = self.clip.tokenize_line(plain_text)
+        theirs = [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own]
+        ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
+        if theirs != ours:
+            raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
+
+    def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
+        self.clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
+        with devices.autocast():
+            return self.clip.process_tokens([list(tokens)], [list(multipliers)])[0]
+
+
+def resolve_embedding(concept: Concept) -> ConceptSource:
+    """The WebUI embedding named by a concept (its source, else its trigger with or without angle brackets)."""
+    database = sd_hijack.model_hijack.embedding_db
+    names = [concept.source_name]
+    if not concept.source.strip():
+        names.append(concept.trigger.strip().strip("<>"))
+    for name in names:
+        embedding = database.word_embeddings.get(name) or next(
+            (e for key, e in database.word_embeddings.items() if key.lower() == name.lower()), None
+        )
+        if embedding is not None:
+            return ConceptSource(embedding.name, int(embedding.vectors), embedding)
+        if name in database.skipped_embeddings:
+            raise ConceptError(f"concept '{concept.trigger}': embedding '{name}' was made for another model family")
+    raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")
+
+
+def _total_steps(sampler_name: str | None, steps: int) -> int:
+    config = sd_samplers.find_sampler_config(sampler_name)
+    return config.total_steps(steps) if config else steps
+
+
+def marked_schedules(marked_prompt: str, steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
+    """Per AND part, the schedule ``[(end_at_step, marked text)]`` the WebUI computes for the prompt's plain text."""
+    indexes, flat, _ = prompt_parser.get_multicond_prompt_list([marked_prompt])
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+        flat, steps, hires_steps, shared.opts.use_old_scheduling
+    )
+    return [[(end, text) for end, text in schedules[index]] for index, _ in indexes[0]]
+
+
+@dataclass
+class PassPlan:
+    """What AlignIT will splice into one sampling pass: per batch item, per AND part, the marked schedule."""
+
+    steps: int
+    hires_steps: int | None
+    items: list[list[list[tuple[int, str]]] | None] = field(default_factory=list)
+
+
+@dataclass
+class Generation:
+    """AlignIT's state for one ``p``: the splicer and the plans of the current batch."""
+
+    options: Options
+    splicer: Splicer
+    first: PassPlan | None = None
+    hires: PassPlan | None = None
+
+    def messages(self) -> list[str]:
+        return self.splicer.warnings
+
+
+def _message(p: Any, text: str) -> None:
+    log.warning("AlignIT: %s", text)
+    p.comment(f"AlignIT: {text}")
+
+
+def start(p: Any, enabled: bool, options: Options) -> Generation | None:
+    """``process`` hook: validate, resolve the concepts, isolate ``p``'s cond caches. None: AlignIT stays off."""
+    setattr(p, STATE_ATTRIBUTE, None)
+    if not enabled:
+        return None
+    try:
+        options = options.validated()
+        encoder = A1111Encoder(shared.sd_model.cond_stage_model)
+    except (ConceptError, Unsupported) as error:
+        _message(p, f"{error}; generating without AlignIT")
+        return None
+    sources: list[ConceptSource | None] = []
+    concepts: list[Concept] = []
+    for concept in options.concepts:
+        try:
+            concept = concept.validated()
+            sources.append(resolve_embedding(concept))
+            concepts.append(concept)
+        except ConceptError as error:
+            _message(p, f"{error}; this concept is left to the WebUI")
+    if not concepts:
+        if options.concepts:
+            _message(p, "no usable concept; generating without AlignIT")
+        return None
+    options = Options(options.strength, options.step_start, options.step_end, options.placeholder, tuple(concepts))
+    splicer = Splicer(encoder, sources, options)
+    try:
+        _ = splicer.placeholder_id
+    except ConceptError as error:
+        _message(p, f"{error}; generating without AlignIT")
+        return None
+    p.cached_c = [None, None]
+    p.cached_hr_c = [None, None]
+    generation = Generation(options, splicer)
+    setattr(p, STATE_ATTRIBUTE, generation)
+    return generation
+
+
+def _plan_prompts(p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None) -> tuple[list[str], PassPlan]:
+    plan = PassPlan(steps, hires_steps)
+    out = []
+    concepts = generation.options.concepts
+    for prompt in prompts:
+        rewrite = rewrite_prompt(prompt, concepts)
+        if not rewrite.has_concepts:
+            out.append(prompt)
+            plan.items.append(None)
+            continue
+        try:
+            schedules = marked_schedules(rewrite.marked, steps, hires_steps)
+            for schedule in schedules:
+                for _, text in schedule:
+                    generation.splicer.prepare(text)
+        except (ConceptError, LayoutMismatch) as error:
+            _message(p, f"{error}; this prompt is generated without AlignIT")
+            out.append(prompt)
+            plan.items.append(None)
+            continue
+        out.append(rewrite.plain)
+        plan.items.append(schedules)
+    return out, plan
+
+
+def prepare_batch(p: Any) -> None:
+    """``process_batch`` hook: rewrite the batch's prompts to class words and prepare every p'."""
+    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
+    if generation is None:
+        return
+    steps = _total_steps(p.sampler_name, p.steps)
+    with torch.no_grad():
+        p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None)
+        if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
+            hires_steps = _total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
+            p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps)
+        else:
+            generation.hires = None
+    for message in generation.messages():
+        p.comment(f"AlignIT: {message}")
+
+
+def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:
+    """Point ``c`` (a MulticondLearnedConditioning, from ``p``'s own cache) at AlignIT's schedules.
+
+    The plain schedules stay on ``c`` so that a second call (a later batch hitting ``p``'s cache) starts from them.
+    """
+    plain = getattr(c, "alignit_plain_batch", None) or c.batch
+    c.alignit_plain_batch = plain
+    batch = []
+    for parts, planned in zip(plain, plan.items):
+        if planned is None:
+            batch.append(parts)
+            continue
+        if len(parts) != len(planned):
+            raise LayoutMismatch("the prompt's AND parts differ from the ones AlignIT planned")
+        batch.append(
+            [
+                prompt_parser.ComposableScheduledPromptConditioning(
+                    [
+                        prompt_parser.ScheduledPromptConditioning(end, cond)
+                        for end, cond in splicer.align_schedule([(s.end_at_step, s.cond) for s in part.schedules], marked)
+                    ],
+                    part.weight,
+                )
+                for part, marked in zip(parts, planned)
+            ]
+        )
+    c.batch = batch
+
+
+def before_sampling(p: Any, c: Any) -> None:
+    """``process_before_every_sampling`` hook: splice into the first-pass or hires-pass conditioning."""
+    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
+    if generation is None:
+        return
+    plan = generation.hires if getattr(p, "is_hr_pass", False) else generation.first
+    if plan is None or c is None or not any(plan.items):
+        return
+    try:
+        with torch.no_grad():
+            splice_conditioning(c, plan, generation.splicer)
+    except LayoutMismatch as error:
+        _message(p, f"{error}; the class word is used without the concept")

@@ -1,0 +1,106 @@
+"""The dummy prompt p' of a class-word span, and the splice of concept rows into a chunk of p's conditioning.
+
+A concept may need n rows where its class word took m. The chunk keeps 77 rows: surplus rows come out of
+the chunk's EOS padding (the rows nearest the final EOS first); missing rows repeat the chunk's final row, as the
+WebUI does when it stacks conditionings of different lengths. Every row that is not part of a span is p's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import CHUNK_ROWS, CHUNK_TOKENS, PAD, Chunk, Span
+
+
+@dataclass(frozen=True)
+class DummyChunk:
+    """Tokens and weights of p' for one span; the concept's vectors go at ``fix_offset`` (not counting BOS)."""
+
+    tokens: list[int]
+    multipliers: list[float]
+    fix_offset: int
+    vectors: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.fix_offset + 1, self.fix_offset + 1 + self.vectors)
+
+
+def dummy_chunk(chunk: Chunk, span: Span, vectors: int, placeholder: int) -> DummyChunk:
+    """p' for ``span``: every token of the chunk but the concept becomes ``placeholder``; padding stays padding.
+
+    The concept takes the weight of its class word, the placeholders the weights of the tokens they stand for,
+    so that emphasis (including the WebUI's mean-restoring "Original" mode) treats p' as it treats p.
+    """
+    id_start, id_end = chunk.tokens[0], chunk.tokens[-1]
+    before = span.start - 1
+    vectors = max(0, min(vectors, CHUNK_TOKENS - before))
+    after = range(span.start + span.length, CHUNK_ROWS - 1)
+    tokens = [placeholder] * before + [0] * vectors
+    weights = chunk.multipliers[1 : span.start] + [chunk.multipliers[span.start]] * vectors
+    for row in after:
+        tokens.append(id_end if chunk.tags[row] == PAD else placeholder)
+        weights.append(chunk.multipliers[row])
+    tokens, weights = tokens[:CHUNK_TOKENS], weights[:CHUNK_TOKENS]
+    missing = CHUNK_TOKENS - len(tokens)
+    return DummyChunk(
+        [id_start] + tokens + [id_end] * (missing + 1),
+        [1.0] + weights + [1.0] * (missing + 1),
+        before,
+        vectors,
+    )
+
+
+@dataclass(frozen=True)
+class SplicedChunk:
+    rows: torch.Tensor
+    dropped_concept_rows: int
+
+
+def _class_rows_for(rows: torch.Tensor, span: Span, count: int) -> torch.Tensor:
+    """The span's class-word rows resampled to ``count`` rows (nearest), to blend against."""
+    index = [span.start + min(j * span.length // max(count, 1), span.length - 1) for j in range(count)]
+    return rows[index]
+
+
+def splice_chunk(rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torch.Tensor], strength: float = 1.0) -> SplicedChunk:
+    """Replace each span's rows of ``rows`` (77 x C, p's encoding of ``chunk``) by its concept rows.
+
+    Spans missing from ``concept_rows`` keep p's rows. ``strength`` < 1 blends towards the class word's rows.
+    """
+    blocks: list[torch.Tensor] = [rows]
+    order: list[tuple[int, int, bool]] = []  # (block, row, removable padding)
+    starts = {span.start: span for span in concept_rows}
+    row = 0
+    while row < CHUNK_ROWS:
+        span = starts.get(row)
+        if span is None:
+            order.append((0, row, chunk.tags[row] == PAD))
+            row += 1
+            continue
+        block = concept_rows[span].to(rows)
+        if strength != 1.0 and len(block):
+            block = torch.lerp(_class_rows_for(rows, span, len(block)), block, strength)
+        blocks.append(block)
+        order += [(len(blocks) - 1, j, False) for j in range(len(block))]
+        row += span.length
+
+    dropped = 0
+    while len(order) > CHUNK_ROWS:
+        pads = [i for i, (_, _, removable) in enumerate(order) if removable]
+        if pads:
+            del order[pads[-1]]
+            continue
+        last_concept = max(i for i, (block, _, _) in enumerate(order) if block)
+        del order[last_concept]
+        dropped += 1
+    order += [order[-1]] * (CHUNK_ROWS - len(order))
+
+    offsets = [0]
+    for block in blocks:
+        offsets.append(offsets[-1] + len(block))
+    stacked = torch.cat(blocks)
+    index = torch.tensor([offsets[block] + j for block, j, _ in order], device=rows.device)
+    return SplicedChunk(stacked.index_select(0, index), dropped)

@@ -1,0 +1,119 @@
+"""AlignIT's WebUI entry: the accordion, infotext, X/Y/Z axes. All the work is done in ``alignit``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gradio as gr
+from modules import script_callbacks, scripts, sd_hijack
+from modules.infotext_utils import PasteField
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from alignit import args as alignit_args  # noqa: E402
+from alignit.concepts import ConceptError  # noqa: E402
+from alignit.hosts import a1111  # noqa: E402
+
+TITLE = "AlignIT"
+
+
+def _embedding_names() -> list[str]:
+    return [""] + sorted(sd_hijack.model_hijack.embedding_db.word_embeddings, key=str.lower)
+
+
+class AlignITScript(scripts.Script):
+    sorting_priority = 15
+
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool) -> object:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list:
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion(TITLE, open=False, elem_id=f"alignit_{tab}"):
+            enabled = gr.Checkbox(False, label="Enable AlignIT", elem_id=f"alignit_{tab}_enabled")
+            rows = []
+            for i in range(alignit_args.ROWS):
+                with gr.Row():
+                    rows.append(gr.Textbox(label=f"Trigger {i + 1}", placeholder="<sks> or an embedding's name", elem_id=f"alignit_{tab}_trigger_{i}"))
+                    rows.append(gr.Textbox(label="Class word", placeholder="cat", elem_id=f"alignit_{tab}_class_{i}"))
+                    rows.append(
+                        gr.Dropdown(
+                            label="Embedding (empty: the trigger's own name)",
+                            choices=_embedding_names(),
+                            value="",
+                            allow_custom_value=True,
+                            elem_id=f"alignit_{tab}_source_{i}",
+                        )
+                    )
+            with gr.Row():
+                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength")
+                step_start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="From step (fraction)", elem_id=f"alignit_{tab}_start")
+                step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step (fraction)", elem_id=f"alignit_{tab}_end")
+                placeholder = gr.Textbox("*", label="Placeholder word", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
+                refresh = gr.Button("Refresh embeddings", elem_id=f"alignit_{tab}_refresh")
+        sources = rows[2::3]
+        refresh.click(lambda: [gr.update(choices=_embedding_names()) for _ in sources], inputs=[], outputs=sources)
+
+        components = [enabled, strength, step_start, step_end, placeholder, *rows]
+
+        def pasted(index: int):
+            return lambda params: alignit_args.from_infotext(params)[index]
+
+        self.infotext_fields = [PasteField(component, pasted(i)) for i, component in enumerate(components)]
+        self.paste_field_names = []
+        return components
+
+    def process(self, p, *args) -> None:
+        try:
+            enabled, options = alignit_args.parse_args(args)
+            enabled, options = alignit_args.with_overrides(enabled, options, getattr(p, a1111.OVERRIDES_ATTRIBUTE, None) or {})
+        except (ConceptError, ValueError) as error:
+            p.comment(f"AlignIT: {error}; generating without AlignIT")
+            setattr(p, a1111.STATE_ATTRIBUTE, None)
+            return
+        generation = a1111.start(p, enabled, options)
+        if generation is not None:
+            p.extra_generation_params.update(alignit_args.to_infotext(generation.options))
+
+    def process_batch(self, p, *args, **kwargs) -> None:
+        a1111.prepare_batch(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+        a1111.before_sampling(p, kwargs.get("c"))
+
+
+def _override(key: str, kind: type):
+    def apply(p, value, _values) -> None:
+        overrides = dict(getattr(p, a1111.OVERRIDES_ATTRIBUTE, None) or {})
+        overrides[key] = kind(value)
+        setattr(p, a1111.OVERRIDES_ATTRIBUTE, overrides)
+
+    return apply
+
+
+def add_axis_options() -> bool:
+    """Add AlignIT's X/Y/Z plot axes once; False while the X/Y/Z script is not loaded yet."""
+    xyz = next((x.module for x in scripts.scripts_data if x.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return False
+    if any(option.label.startswith("[AlignIT]") for option in xyz.axis_options):
+        return True
+    xyz.axis_options.extend(
+        [
+            xyz.AxisOption("[AlignIT] Enabled", str, _override("enabled", lambda v: str(v).lower() == "true"), choices=xyz.boolean_choice(reverse=True)),
+            xyz.AxisOption("[AlignIT] Strength", float, _override("strength", float)),
+            xyz.AxisOption("[AlignIT] Class word", str, _override("class_word", str)),
+            xyz.AxisOption("[AlignIT] Step start", float, _override("step_start", float)),
+            xyz.AxisOption("[AlignIT] Step end", float, _override("step_end", float)),
+        ]
+    )
+    return True
+
+
+# At import, so the axes also exist with --nowebui, where the API is built before on_before_ui callbacks run.
+if not add_axis_options():
+    script_callbacks.on_before_ui(add_axis_options)

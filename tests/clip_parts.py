@@ -1,0 +1,79 @@
+"""Real CLIP parts for tests: the CLIP BPE vocabulary from open_clip_torch and small random CLIP text models."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from functools import lru_cache
+from importlib.metadata import distribution
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP tokenizer's vocabulary and merges, from the BPE file open_clip_torch ships."""
+    bpe = Path(str(distribution("open_clip_torch").locate_file("open_clip/bpe_simple_vocab_16e6.txt.gz")))
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """vocab.json and merges.txt in the Hugging Face layout."""
+    vocab, merges = clip_vocab_and_merges()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return folder
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer() -> CLIPTokenizer:
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def small_clip_text_model(hidden: int = 32, layers: int = 3, seed: int = 0) -> CLIPTextModel:
+    """A random CLIP text model with the real vocabulary size; LayerNorm biases random as in trained models."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    model = CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.bias.normal_(0, 0.1)
+                module.weight.normal_(1, 0.1)
+    return model

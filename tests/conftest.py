@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from clip_parts import clip_tokenizer, small_clip_text_model
+
+from alignit.hosts.hf_clip import HFClipEncoder
+
+HIDDEN = 32
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def text_model():
+    return small_clip_text_model(hidden=HIDDEN)
+
+
+@pytest.fixture
+def encoder(text_model, tokenizer) -> HFClipEncoder:
+    return HFClipEncoder(text_model, tokenizer)
+
+
+@pytest.fixture
+def vectors():
+    """Embedding vectors of a given count, reproducible per count."""
+
+    def make(count: int, seed: int = 1) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 100 + count)
+        return torch.randn(count, HIDDEN, generator=generator)
+
+    return make

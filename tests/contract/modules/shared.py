@@ -1,0 +1,12 @@
+"""modules/shared.py: ``opts`` (options used by the glue, defaults from modules/shared_options.py) and ``sd_model``."""
+
+from types import SimpleNamespace
+
+opts = SimpleNamespace(
+    emphasis="Original",  # shared_options.py: "emphasis"
+    comma_padding_backtrack=20,  # shared_options.py: "comma_padding_backtrack"
+    use_old_emphasis_implementation=False,
+    use_old_scheduling=False,
+    CLIP_stop_at_last_layers=1,
+)
+sd_model = None
