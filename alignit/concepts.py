@@ -64,9 +64,7 @@ class Options:
 
     def validated(self) -> Options:
         if not 0.0 <= self.step_start < self.step_end <= 1.0:
-            raise ConceptError(
-                f"the step range must satisfy 0 <= start < end <= 1 (got {self.step_start}, {self.step_end})"
-            )
+            raise ConceptError(f"the step range must satisfy 0 <= start < end <= 1 (got {self.step_start}, {self.step_end})")
         if not 0.0 <= self.strength <= 2.0:
             raise ConceptError(f"strength must lie in [0, 2] (got {self.strength})")
         if not self.placeholder.strip():

@@ -113,7 +113,9 @@ class Splicer:
                 )
         return out
 
-    def align_schedule(self, schedule: Sequence[tuple[int, torch.Tensor]], marked: Sequence[tuple[int, str]]) -> list[tuple[int, torch.Tensor]]:
+    def align_schedule(
+        self, schedule: Sequence[tuple[int, torch.Tensor]], marked: Sequence[tuple[int, str]]
+    ) -> list[tuple[int, torch.Tensor]]:
         """AlignIT's version of one prompt's schedule ``[(end_at_step, cond)]``, given the marked texts of its entries."""
         if [end for end, _ in schedule] != [end for end, _ in marked]:
             raise LayoutMismatch("the prompt's schedule differs from the one AlignIT planned")

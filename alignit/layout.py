@@ -81,7 +81,9 @@ class LayoutOptions:
 def _tagged_fragments(text: str, parse_emphasis: bool) -> list[tuple[list[tuple[str, int | None]], float]]:
     """Attention fragments of a marked text, each split further at class-word insertions."""
     fragments = parse_attention(text) if parse_emphasis else [(text, 1.0)]
-    return [(split_marked(fragment) if (fragment, weight) != BREAK else [(fragment, None)], weight) for fragment, weight in fragments]
+    return [
+        (split_marked(fragment) if (fragment, weight) != BREAK else [(fragment, None)], weight) for fragment, weight in fragments
+    ]
 
 
 def layout_prompt(text: str, tokenizer: Tokenizer, options: LayoutOptions = LayoutOptions()) -> list[Chunk]:
@@ -193,4 +195,3 @@ def _number_parts(chunks: list[Chunk]) -> None:
 def plain_tokens(chunks: Sequence[Chunk]) -> list[tuple[list[int], list[float]]]:
     """Token ids and weights of each chunk, for comparison with a host's own layout."""
     return [(chunk.tokens, chunk.multipliers) for chunk in chunks]
-

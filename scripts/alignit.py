@@ -12,7 +12,6 @@ from modules.infotext_utils import PasteField
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignit import args as alignit_args  # noqa: E402
-from alignit.concepts import ConceptError  # noqa: E402
 from alignit.hosts import a1111  # noqa: E402
 
 TITLE = "AlignIT"
@@ -38,7 +37,13 @@ class AlignITScript(scripts.Script):
             rows = []
             for i in range(alignit_args.ROWS):
                 with gr.Row():
-                    rows.append(gr.Textbox(label=f"Trigger {i + 1}", placeholder="<sks> or an embedding's name", elem_id=f"alignit_{tab}_trigger_{i}"))
+                    rows.append(
+                        gr.Textbox(
+                            label=f"Trigger {i + 1}",
+                            placeholder="<sks> or an embedding's name",
+                            elem_id=f"alignit_{tab}_trigger_{i}",
+                        )
+                    )
                     rows.append(gr.Textbox(label="Class word", placeholder="cat", elem_id=f"alignit_{tab}_class_{i}"))
                     rows.append(
                         gr.Dropdown(
@@ -51,7 +56,9 @@ class AlignITScript(scripts.Script):
                     )
             with gr.Row():
                 strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength")
-                step_start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="From step (fraction)", elem_id=f"alignit_{tab}_start")
+                step_start = gr.Slider(
+                    0.0, 1.0, value=0.0, step=0.01, label="From step (fraction)", elem_id=f"alignit_{tab}_start"
+                )
                 step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step (fraction)", elem_id=f"alignit_{tab}_end")
                 placeholder = gr.Textbox("*", label="Placeholder word", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
                 refresh = gr.Button("Refresh embeddings", elem_id=f"alignit_{tab}_refresh")
@@ -68,16 +75,7 @@ class AlignITScript(scripts.Script):
         return components
 
     def process(self, p, *args) -> None:
-        try:
-            enabled, options = alignit_args.parse_args(args)
-            enabled, options = alignit_args.with_overrides(enabled, options, getattr(p, a1111.OVERRIDES_ATTRIBUTE, None) or {})
-        except (ConceptError, ValueError) as error:
-            p.comment(f"AlignIT: {error}; generating without AlignIT")
-            setattr(p, a1111.STATE_ATTRIBUTE, None)
-            return
-        generation = a1111.start(p, enabled, options)
-        if generation is not None:
-            p.extra_generation_params.update(alignit_args.to_infotext(generation.options))
+        a1111.process(p, args)
 
     def process_batch(self, p, *args, **kwargs) -> None:
         a1111.prepare_batch(p)
@@ -104,7 +102,12 @@ def add_axis_options() -> bool:
         return True
     xyz.axis_options.extend(
         [
-            xyz.AxisOption("[AlignIT] Enabled", str, _override("enabled", lambda v: str(v).lower() == "true"), choices=xyz.boolean_choice(reverse=True)),
+            xyz.AxisOption(
+                "[AlignIT] Enabled",
+                str,
+                _override("enabled", lambda v: str(v).lower() == "true"),
+                choices=xyz.boolean_choice(reverse=True),
+            ),
             xyz.AxisOption("[AlignIT] Strength", float, _override("strength", float)),
             xyz.AxisOption("[AlignIT] Class word", str, _override("class_word", str)),
             xyz.AxisOption("[AlignIT] Step start", float, _override("step_start", float)),

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from modules import devices, prompt_parser, sd_hijack, sd_samplers, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
+from .. import args as alignit_args
 from ..concepts import Concept, ConceptError, Options
 from ..engine import ConceptSource, LayoutMismatch, Splicer
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
@@ -98,9 +99,7 @@ def _total_steps(sampler_name: str | None, steps: int) -> int:
 def marked_schedules(marked_prompt: str, steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
     """Per AND part, the schedule ``[(end_at_step, marked text)]`` the WebUI computes for the prompt's plain text."""
     indexes, flat, _ = prompt_parser.get_multicond_prompt_list([marked_prompt])
-    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
-        flat, steps, hires_steps, shared.opts.use_old_scheduling
-    )
+    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps, hires_steps, shared.opts.use_old_scheduling)
     return [[(end, text) for end, text in schedules[index]] for index, _ in indexes[0]]
 
 
@@ -155,7 +154,7 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
         if options.concepts:
             _message(p, "no usable concept; generating without AlignIT")
         return None
-    options = Options(options.strength, options.step_start, options.step_end, options.placeholder, tuple(concepts))
+    options = replace(options, concepts=tuple(concepts))
     splicer = Splicer(encoder, sources, options)
     try:
         _ = splicer.placeholder_id
@@ -169,7 +168,24 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
     return generation
 
 
-def _plan_prompts(p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None) -> tuple[list[str], PassPlan]:
+def process(p: Any, script_args: Sequence[Any]) -> Generation | None:
+    """``process`` hook: read the script's arguments and X/Y/Z overrides, start AlignIT, write its infotext."""
+    setattr(p, STATE_ATTRIBUTE, None)
+    try:
+        enabled, options = alignit_args.parse_args(script_args)
+        enabled, options = alignit_args.with_overrides(enabled, options, getattr(p, OVERRIDES_ATTRIBUTE, None) or {})
+    except (ConceptError, ValueError) as error:
+        _message(p, f"{error}; generating without AlignIT")
+        return None
+    generation = start(p, enabled, options)
+    if generation is not None:
+        p.extra_generation_params.update(alignit_args.to_infotext(generation.options))
+    return generation
+
+
+def _plan_prompts(
+    p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None
+) -> tuple[list[str], PassPlan]:
     plan = PassPlan(steps, hires_steps)
     out = []
     concepts = generation.options.concepts

@@ -100,7 +100,9 @@ class HFClipEncoder:
     def _final_norm(self) -> torch.nn.Module:
         return getattr(self.model, "text_model", self.model).final_layer_norm
 
-    def encode_chunks(self, tokens: Sequence[Sequence[int]], multipliers: Sequence[Sequence[float]], fixes: Sequence[Sequence[tuple[int, Any]]]) -> torch.Tensor:
+    def encode_chunks(
+        self, tokens: Sequence[Sequence[int]], multipliers: Sequence[Sequence[float]], fixes: Sequence[Sequence[tuple[int, Any]]]
+    ) -> torch.Tensor:
         """Encode a batch of 77-token chunks: B x 77 x C, emphasis applied over the batch as A1111 does."""
         ids = torch.tensor([list(t) for t in tokens], device=self._token_embedding.wrapped.weight.device)
         self._token_embedding.pending = [list(f) for f in fixes]

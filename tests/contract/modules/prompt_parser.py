@@ -51,7 +51,9 @@ def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=N
 
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     res, cache = [], {}
-    for prompt, schedule in zip(prompts, get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)):
+    for prompt, schedule in zip(
+        prompts, get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
+    ):
         if prompt not in cache:
             texts = SdConditioning([text for _, text in schedule], copy_from=prompts)
             conds = model.get_learned_conditioning(texts)

@@ -1,0 +1,183 @@
+"""The A1111 glue (alignit.hosts.a1111) run in A1111's hook order against the contract in tests/contract."""
+
+import pytest
+import torch
+from webui_flow import FakeModel, Processing, generate
+
+from alignit.concepts import Concept, Options
+from alignit.engine import ConceptSource, Splicer
+from alignit.prompt import rewrite_prompt
+from modules import sd_hijack, shared  # the contract, put on sys.path by webui_flow
+
+SKS = ["<sks>", "cat", "sks"]
+
+
+def args(*rows, enabled=True, strength=1.0, start=0.0, end=1.0, placeholder="*"):
+    cells = [cell for row in rows for cell in row]
+    return [enabled, strength, start, end, placeholder, *cells]
+
+
+@pytest.fixture(autouse=True)
+def webui(text_model, tokenizer, vectors):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[1, 2],
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        num_head_channels=16,
+        use_spatial_transformer=True,
+        transformer_depth=1,
+        context_dim=32,
+        legacy=False,
+    ).eval()
+    shared.sd_model = FakeModel(text_model, tokenizer, unet)
+    database = sd_hijack.EmbeddingDatabase()
+    sd_hijack.model_hijack.embedding_db = database
+    clip = shared.sd_model.cond_stage_model
+    database.register_embedding(sd_hijack.Embedding(vectors(1), "sks"), clip.tokenize(["sks"])[0])
+    database.register_embedding(sd_hijack.Embedding(vectors(3, seed=5), "lisa"), clip.tokenize(["lisa"])[0])
+    Processing.cached_c, Processing.cached_uc, Processing.cached_hr_c = [None, None], [None, None], [None, None]
+    yield shared.sd_model
+    shared.opts.emphasis = "Original"
+
+
+def expected_aligned(prompt, concepts, sources):
+    """AlignIT's conditioning of one prompt text computed straight from the core, with the WebUI's encoder."""
+    from alignit.hosts.a1111 import A1111Encoder
+
+    rewrite = rewrite_prompt(prompt, concepts)
+    base = shared.sd_model.cond_stage_model([rewrite.plain])[0]
+    splicer = Splicer(A1111Encoder(shared.sd_model.cond_stage_model), sources, Options(concepts=tuple(concepts)))
+    with torch.no_grad():
+        return splicer.splice(rewrite.marked, base), base
+
+
+def sks_source():
+    embedding = sd_hijack.model_hijack.embedding_db.word_embeddings["sks"]
+    return ConceptSource("sks", 1, embedding)
+
+
+def test_disabled_is_bit_identical_to_no_extension():
+    plain = generate(Processing(["a <sks> playing badminton"]))
+    Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
+    off = generate(Processing(["a <sks> playing badminton"]), args(SKS, enabled=False))
+    assert off.prompts == ["a <sks> playing badminton"] and off.alignit_state is None
+    for a, b in zip(plain.sampled[0], off.sampled[0], strict=True):
+        assert torch.equal(a, b)  # conditioning and UNet output of every step
+
+
+def test_batch_of_different_prompts_with_and_editing_and_step_range():
+    prompts = ["a <sks> playing badminton AND a garden", "a [dog:<sks>:5] on a sofa", "a cat"]
+    on = generate(Processing(prompts, steps=10, batch_size=3), args(SKS, start=0.2, end=0.8))
+    Processing.cached_c = [None, None]
+    plain = generate(Processing([p.replace("<sks>", "cat") for p in prompts], steps=10, batch_size=3))
+    assert on.comments == {} and on.prompts == ["a cat playing badminton AND a garden", "a [dog:cat:5] on a sofa", "a cat"]
+
+    aligned_0, base_0 = expected_aligned("a <sks> playing badminton", [Concept(*SKS)], [sks_source()])
+    aligned_1, base_1 = expected_aligned("a <sks> on a sofa", [Concept(*SKS)], [sks_source()])
+    # rows of the batch: item 0 has two AND parts (0, 1), item 1 is row 2, item 2 row 3
+    for step in range(10):
+        got, want = on.sampled[0][2 * step], plain.sampled[0][2 * step]
+        active = 2 <= step < 8
+        assert torch.equal(got[0], aligned_0 if active else base_0), step
+        assert torch.equal(got[1], want[1])
+        assert torch.equal(got[2], aligned_1 if active and step > 5 else want[2]), step
+        assert torch.equal(got[3], want[3])
+    changed = (aligned_0 != base_0).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [2]  # one vector for one class-word token: only the concept row moves
+    assert on.extra_generation_params == {"AlignIT": '[["<sks>", "cat", "sks"]]', "AlignIT steps": "0.2-0.8"}
+
+
+def test_negative_prompt_untouched_and_cache_not_poisoned():
+    on = generate(Processing(["a <sks>"], negative="blurry"), args(SKS))
+    aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
+    assert torch.equal(on.sampled[0][0][0], aligned)
+    assert Processing.cached_c == [None, None]  # the shared cache never saw AlignIT's conditioning
+    assert torch.equal(on.uc[0][0].cond, shared.sd_model.cond_stage_model(["blurry"])[0])
+    later = generate(Processing(["a cat"], negative="blurry"))
+    assert torch.equal(later.sampled[0][0][0], base)
+
+
+def test_several_batches_reuse_the_plain_conditioning():
+    p = generate(Processing(["a <sks>", "a <sks>"], batch_size=1, steps=3), args(SKS))
+    aligned, _ = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
+    for batch in p.sampled:
+        assert all(torch.equal(batch[2 * step][0], aligned) for step in range(3))
+
+
+def test_hires_pass_gets_its_own_prompt_and_steps():
+    p = generate(Processing(["a <sks>"], hr_prompts=["a <sks> in snow"], steps=4, hr_steps=3), args(SKS, end=0.5))
+    first, hires = p.sampled
+    aligned, base = expected_aligned("a <sks> in snow", [Concept(*SKS)], [sks_source()])
+    assert len(hires) == 6
+    assert [torch.equal(hires[2 * step][0], aligned) for step in range(3)] == [True, True, False]
+    assert torch.equal(hires[4][0], base)
+
+
+def test_multi_vector_embedding_by_its_own_name():
+    p = generate(Processing(["lisa reading a book"], steps=2), args(["lisa", "woman", ""]))
+    source = ConceptSource("lisa", 3, sd_hijack.model_hijack.embedding_db.word_embeddings["lisa"])
+    aligned, _ = expected_aligned("lisa reading a book", [Concept("lisa", "woman")], [source])
+    assert p.prompts == ["woman reading a book"]
+    assert torch.equal(p.sampled[0][0][0], aligned)
+
+
+@pytest.mark.parametrize(
+    ("rows", "placeholder", "message"),
+    [
+        ([["<nope>", "cat", ""]], "*", "no embedding named '<nope>'"),
+        ([["<sks>", "", "sks"]], "*", "class word is empty"),
+        ([SKS], "two words", "it must be one"),
+    ],
+)
+def test_bad_concepts_leave_the_prompt_to_the_webui(rows, placeholder, message):
+    prompt = rows[0][0] + " on a sofa"
+    p = generate(Processing([prompt], steps=2), args(*rows, placeholder=placeholder))
+    Processing.cached_c = [None, None]
+    plain = generate(Processing([prompt], steps=2))
+    assert any(message in text for text in p.comments), p.comments
+    assert p.prompts == [prompt]
+    assert all(torch.equal(a, b) for a, b in zip(p.sampled[0], plain.sampled[0], strict=True))
+
+
+def test_a_layout_the_webui_disagrees_with_is_left_alone(monkeypatch):
+    clip = shared.sd_model.cond_stage_model
+    real = clip.tokenize_line
+    monkeypatch.setattr(clip, "tokenize_line", lambda line: (real(line + " extra")[0], 0))
+    p = generate(Processing(["a <sks>"], steps=2), args(SKS))
+    assert p.prompts == ["a <sks>"]
+    assert any("differently from the WebUI" in text for text in p.comments)
+
+
+def test_concept_keys_and_values_in_every_cross_attention_layer(webui):
+    unet = webui.unet
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, (inputs[0][0].clone(), output[0].clone()))
+
+        return hook
+
+    layers = {name: module for name, module in unet.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))}
+    handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
+    try:
+        generate(Processing(["a <sks> playing badminton"], steps=1), args(SKS))
+    finally:
+        for handle in handles:
+            handle.remove()
+    aligned, base = expected_aligned("a <sks> playing badminton", [Concept(*SKS)], [sks_source()])
+    assert len(seen) == len(layers) == 14
+    for name, (context, projected) in seen.items():
+        assert torch.equal(context, aligned), name
+        weight = layers[name].weight
+        assert torch.allclose(projected[2], weight @ aligned[2], atol=1e-5)  # concept row: W·c'
+        others = [i for i in range(77) if i != 2]
+        assert torch.allclose(projected[others], base[others] @ weight.T, atol=1e-5)  # every other row: W·c
+    assert all(not module._forward_hooks for module in layers.values())

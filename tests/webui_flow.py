@@ -1,0 +1,126 @@
+"""The order in which A1111 v1.10.1 runs a generation, driven against the contract in tests/contract/modules.
+
+Mirrors modules/processing.py: ``process`` (915) → per batch: prompts sliced (943), extra networks parsed (957),
+``process_batch`` (964), ``setup_conds`` (966, with ``get_conds_with_caching`` 460-491 and the class-level caches),
+``process_before_every_sampling`` (1338) and sampling, hires pass: ``calculate_hr_conds`` (1499-1511) then
+``process_before_every_sampling`` again (1446). The sampler asks ``reconstruct_multicond_batch`` for the
+conditioning of every step (sd_samplers_cfg_denoiser.py:168)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "contract"))
+
+from modules import prompt_parser, sd_hijack, sd_hijack_clip, shared  # noqa: E402
+
+from alignit.hosts import a1111  # noqa: E402
+
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+class FakeModel:
+    """``shared.sd_model`` of an SD1 checkpoint: ``cond_stage_model`` and ``get_learned_conditioning``."""
+
+    def __init__(self, text_model, tokenizer, unet=None):
+        self.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(text_model, tokenizer, sd_hijack.model_hijack)
+        self.unet = unet
+
+    def get_learned_conditioning(self, texts):
+        with torch.no_grad():
+            return self.cond_stage_model(texts)
+
+
+class Processing:
+    """The parts of ``StableDiffusionProcessingTxt2Img`` a generation touches."""
+
+    cached_c = [None, None]
+    cached_uc = [None, None]
+    cached_hr_c = [None, None]
+
+    def __init__(self, prompts, steps=10, batch_size=1, negative="", hr_prompts=None, hr_steps=None, sampler_name="Euler"):
+        self.all_prompts = list(prompts)
+        self.all_negative_prompts = [negative] * len(prompts)
+        self.all_hr_prompts = list(hr_prompts) if hr_prompts else None
+        self.enable_hr = hr_prompts is not None
+        self.hr_second_pass_steps = hr_steps or 0
+        self.hr_sampler_name = None
+        self.batch_size = batch_size
+        self.steps = steps
+        self.sampler_name = sampler_name
+        self.comments: dict[str, int] = {}
+        self.extra_generation_params: dict[str, str] = {}
+        self.is_hr_pass = False
+        self.sampled: list[list[torch.Tensor]] = []
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def _cached(self, function, prompts, steps, caches, hires_steps=None):
+        key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis)
+        for cache in caches:
+            if cache[0] == key:
+                return cache[1]
+        caches[0][1] = function(shared.sd_model, prompts, steps, hires_steps)
+        caches[0][0] = key
+        return caches[0][1]
+
+    def setup_conds(self):
+        prompts = prompt_parser.SdConditioning(self.prompts)
+        negatives = prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True)
+        self.uc = self._cached(prompt_parser.get_learned_conditioning, negatives, self.steps, [self.cached_uc])
+        self.c = self._cached(prompt_parser.get_multicond_learned_conditioning, prompts, self.steps, [self.cached_c])
+
+    def calculate_hr_conds(self):
+        prompts = prompt_parser.SdConditioning(self.hr_prompts)
+        hires = self.hr_second_pass_steps or self.steps
+        self.hr_c = self._cached(
+            prompt_parser.get_multicond_learned_conditioning, prompts, self.steps, [self.cached_hr_c, self.cached_c], hires
+        )
+
+    def sample(self, c, steps):
+        """The conditioning each step hands to the UNet (and the UNet's output when there is one)."""
+        outputs = []
+        for step in range(steps):
+            _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
+            outputs.append(cond)
+            unet = shared.sd_model.unet
+            if unet is not None:
+                generator = torch.Generator().manual_seed(step)
+                x = torch.randn(cond.shape[0], 4, 8, 8, generator=generator)
+                with torch.no_grad():
+                    outputs.append(unet(x, torch.full((cond.shape[0],), 500), context=cond))
+        self.sampled.append(outputs)
+
+
+def strip_extra_networks(prompts):
+    return [_EXTRA_NETWORK.sub("", prompt) for prompt in prompts]
+
+
+def generate(p: Processing, script_args=None) -> Processing:
+    """One txt2img run; ``script_args`` None means the extension is not installed at all."""
+    if script_args is not None:
+        a1111.process(p, script_args)
+    for n in range(0, len(p.all_prompts), p.batch_size):
+        p.prompts = strip_extra_networks(p.all_prompts[n : n + p.batch_size])
+        p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
+        if p.enable_hr:
+            p.hr_prompts = strip_extra_networks(p.all_hr_prompts[n : n + p.batch_size])
+        if script_args is not None:
+            a1111.prepare_batch(p)
+        p.setup_conds()
+        if script_args is not None:
+            a1111.before_sampling(p, p.c)
+        p.sample(p.c, p.steps)
+        if p.enable_hr:
+            p.is_hr_pass = True
+            p.calculate_hr_conds()
+            if script_args is not None:
+                a1111.before_sampling(p, p.hr_c)
+            p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
+            p.is_hr_pass = False
+    return p
