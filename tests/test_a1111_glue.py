@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from modules import sd_hijack, shared  # the contract in tests/contract
 from webui_flow import FakeModel, Processing, generate
 
 from alignit.concepts import Concept, Options
 from alignit.engine import ConceptSource, Splicer
 from alignit.prompt import rewrite_prompt
-from modules import sd_hijack, shared  # the contract, put on sys.path by webui_flow
 
 SKS = ["<sks>", "cat", "sks"]
 

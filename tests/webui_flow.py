@@ -9,16 +9,11 @@ conditioning of every step (sd_samplers_cfg_denoiser.py:168)."""
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import torch
+from modules import prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract: tests/contract is on sys.path
 
-sys.path.insert(0, str(Path(__file__).parent / "contract"))
-
-from modules import prompt_parser, sd_hijack, sd_hijack_clip, shared  # noqa: E402
-
-from alignit.hosts import a1111  # noqa: E402
+from alignit.hosts import a1111
 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
