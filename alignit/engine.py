@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,8 +13,6 @@ from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_pr
 from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
 from .splice import dummy_chunk, splice_chunk
-
-log = logging.getLogger("alignit")
 
 
 class LayoutMismatch(RuntimeError):
@@ -123,6 +120,6 @@ class Splicer:
         return refine_schedule(schedule, aligned, self.options.step_start, self.options.step_end)
 
     def warn(self, message: str) -> None:
+        """Keep a message for the host to show (hosts drain ``warnings``)."""
         if message not in self.warnings:
             self.warnings.append(message)
-            log.warning("AlignIT: %s", message)

@@ -142,6 +142,7 @@ def test_bad_concepts_leave_the_prompt_to_the_webui(rows, placeholder, message):
     Processing.cached_c = [None, None]
     plain = generate(Processing([prompt], steps=2))
     assert any(message in text for text in p.comments), p.comments
+    assert message in p.extra_generation_params["AlignIT warning"]  # API responses carry the infotext
     assert p.prompts == [prompt]
     assert all(torch.equal(a, b) for a, b in zip(p.sampled[0], plain.sampled[0], strict=True))
 

@@ -30,6 +30,7 @@ from ..prompt import rewrite_prompt
 log = logging.getLogger("alignit")
 
 STATE_ATTRIBUTE = "alignit_state"
+WARNING_KEY = "AlignIT warning"
 OVERRIDES_ATTRIBUTE = "alignit_overrides"
 
 
@@ -121,13 +122,14 @@ class Generation:
     first: PassPlan | None = None
     hires: PassPlan | None = None
 
-    def messages(self) -> list[str]:
-        return self.splicer.warnings
-
 
 def _message(p: Any, text: str) -> None:
+    """Tell the user: the log, the UI (``p.comment``) and the infotext, which API responses carry."""
     log.warning("AlignIT: %s", text)
     p.comment(f"AlignIT: {text}")
+    earlier = p.extra_generation_params.get(WARNING_KEY)
+    if earlier is None or text not in earlier:
+        p.extra_generation_params[WARNING_KEY] = text if earlier is None else f"{earlier}; {text}"
 
 
 def start(p: Any, enabled: bool, options: Options) -> Generation | None:
@@ -223,8 +225,8 @@ def prepare_batch(p: Any) -> None:
             p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps)
         else:
             generation.hires = None
-    for message in generation.messages():
-        p.comment(f"AlignIT: {message}")
+    while generation.splicer.warnings:
+        _message(p, generation.splicer.warnings.pop(0))
 
 
 def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:
