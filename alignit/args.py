@@ -1,7 +1,8 @@
 """The script's arguments, in the order of its UI, and how they are written to and read from infotext.
 
-API callers pass ``"alwayson_scripts": {"AlignIT": {"args": [...]}}`` either positionally (the UI order below)
-or as one dict: ``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat"]], "strength": 1.0, ...}``.
+API callers pass ``"alwayson_scripts": {"AlignIT": {"args": [...]}}`` either positionally (the UI order:
+``enabled, step_start, step_end, placeholder``, then per concept row ``trigger, class word, embedding, strength``)
+or as one dict: ``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat", 1.0]], "step_end": 0.8}``.
 """
 
 from __future__ import annotations
@@ -14,68 +15,62 @@ from typing import Any
 from .concepts import Concept, ConceptError, Options
 
 ROWS = 3
-"""Concept rows in the UI (trigger, class word, embedding)."""
+"""Concept rows in the UI."""
 
-SCALARS = ("enabled", "strength", "step_start", "step_end", "placeholder")
-DEFAULTS: dict[str, Any] = {"enabled": False, "strength": 1.0, "step_start": 0.0, "step_end": 1.0, "placeholder": "*"}
-ARG_COUNT = len(SCALARS) + 3 * ROWS
+SCALARS = ("enabled", "step_start", "step_end", "placeholder")
+DEFAULTS: dict[str, Any] = {"enabled": False, "step_start": 0.0, "step_end": 1.0, "placeholder": "*"}
+ROW_FIELDS = ("trigger", "class_word", "source", "strength")
+ROW_DEFAULTS: tuple[Any, ...] = ("", "", "", 1.0)
+ARG_COUNT = len(SCALARS) + len(ROW_FIELDS) * ROWS
 
 KEY_CONCEPTS = "AlignIT"
-KEY_STRENGTH = "AlignIT strength"
 KEY_STEPS = "AlignIT steps"
 KEY_PLACEHOLDER = "AlignIT placeholder"
 
 
-def _concept_rows(rows: Any) -> list[Concept]:
-    concepts = []
-    for row in rows or []:
-        if isinstance(row, Mapping):
-            row = [row.get("trigger", ""), row.get("class_word", ""), row.get("source", "")]
-        cells = [str(x or "") for x in list(row) + ["", "", ""]][:3]
-        if any(cell.strip() for cell in cells):
-            concepts.append(Concept(*cells))
-    return concepts
+def _concept(row: Any) -> Concept | None:
+    if isinstance(row, Mapping):
+        row = [row.get(name) for name in ROW_FIELDS]
+    cells = [default if cell is None else cell for cell, default in zip([*row, *ROW_DEFAULTS[len(row) :]], ROW_DEFAULTS)]
+    if not any(str(cell).strip() for cell in cells[:3]):
+        return None
+    return Concept(str(cells[0]), str(cells[1]), str(cells[2]), float(cells[3]))
 
 
 def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
     """Read the script's arguments (positional UI order, or a single dict) into (enabled, options)."""
-    if len(args) == 1 and isinstance(args[0], Mapping):
-        given = dict(args[0])
-        values = {key: given.get(key, DEFAULTS[key]) for key in SCALARS}
-        concepts = _concept_rows(given.get("concepts"))
-    else:
-        padded = list(args) + [None] * (ARG_COUNT - len(args))
-        values = {key: DEFAULTS[key] if value is None else value for key, value in zip(SCALARS, padded)}
-        rest = padded[len(SCALARS) : ARG_COUNT]
-        concepts = _concept_rows(rest[i : i + 3] for i in range(0, 3 * ROWS, 3))
     try:
-        options = Options(
-            strength=float(values["strength"]),
-            step_start=float(values["step_start"]),
-            step_end=float(values["step_end"]),
-            placeholder=str(values["placeholder"]),
-            concepts=tuple(concepts),
-        )
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            values = {key: args[0].get(key, DEFAULTS[key]) for key in SCALARS}
+            rows = list(args[0].get("concepts") or [])
+        else:
+            padded = [*args, *[None] * (ARG_COUNT - len(args))]
+            values = {key: DEFAULTS[key] if value is None else value for key, value in zip(SCALARS, padded)}
+            width = len(ROW_FIELDS)
+            rows = [padded[i : i + width] for i in range(len(SCALARS), ARG_COUNT, width)]
+        concepts = tuple(concept for concept in map(_concept, rows) if concept is not None)
+        options = Options(float(values["step_start"]), float(values["step_end"]), str(values["placeholder"]), concepts)
     except (TypeError, ValueError) as error:
         raise ConceptError(f"bad AlignIT arguments: {error}") from error
     return bool(values["enabled"]), options
 
 
 def with_overrides(enabled: bool, options: Options, overrides: Mapping[str, Any]) -> tuple[bool, Options]:
-    """Apply X/Y/Z plot overrides (keys: enabled, strength, step_start, step_end, class_word)."""
+    """Apply X/Y/Z plot overrides: enabled, step_start, step_end, strength (every concept), class_word (the first)."""
     enabled = bool(overrides.get("enabled", enabled))
-    changes = {key: float(overrides[key]) for key in ("strength", "step_start", "step_end") if key in overrides}
-    if "class_word" in overrides and options.concepts:
-        first = replace(options.concepts[0], class_word=str(overrides["class_word"]))
-        changes["concepts"] = (first, *options.concepts[1:])
-    return enabled, replace(options, **changes)
+    changes: dict[str, Any] = {key: float(overrides[key]) for key in ("step_start", "step_end") if key in overrides}
+    concepts = options.concepts
+    if "strength" in overrides:
+        concepts = tuple(replace(concept, strength=float(overrides["strength"])) for concept in concepts)
+    if "class_word" in overrides and concepts:
+        concepts = (replace(concepts[0], class_word=str(overrides["class_word"])), *concepts[1:])
+    return enabled, replace(options, concepts=concepts, **changes)
 
 
 def to_infotext(options: Options) -> dict[str, str]:
     """Infotext entries for a generation that used AlignIT."""
-    params = {KEY_CONCEPTS: json.dumps([[c.trigger, c.class_word, c.source] for c in options.concepts], ensure_ascii=False)}
-    if options.strength != 1.0:
-        params[KEY_STRENGTH] = f"{options.strength:g}"
+    rows = [[c.trigger, c.class_word, c.source] + ([c.strength] if c.strength != 1.0 else []) for c in options.concepts]
+    params = {KEY_CONCEPTS: json.dumps(rows, ensure_ascii=False)}
     if (options.step_start, options.step_end) != (0.0, 1.0):
         params[KEY_STEPS] = f"{options.step_start:g}-{options.step_end:g}"
     if options.placeholder != "*":
@@ -85,19 +80,14 @@ def to_infotext(options: Options) -> dict[str, str]:
 
 def from_infotext(params: Mapping[str, Any]) -> list[Any]:
     """The script's positional arguments for pasted infotext (AlignIT off when the infotext has none)."""
-    if KEY_CONCEPTS not in params:
-        return [False, 1.0, 0.0, 1.0, "*"] + [""] * (3 * ROWS)
+    cells: list[Any] = []
     try:
-        rows = json.loads(params[KEY_CONCEPTS])
+        rows = json.loads(params[KEY_CONCEPTS]) if KEY_CONCEPTS in params else []
     except (TypeError, ValueError):
         rows = []
+    for row in rows[:ROWS]:
+        cells += [*row, *ROW_DEFAULTS[len(row) :]][: len(ROW_FIELDS)]
+    while len(cells) < len(ROW_FIELDS) * ROWS:
+        cells += ROW_DEFAULTS
     start, _, end = str(params.get(KEY_STEPS, "0-1")).partition("-")
-    cells = [str(cell) for row in rows[:ROWS] for cell in (list(row) + ["", "", ""])[:3]]
-    return [
-        True,
-        float(params.get(KEY_STRENGTH, 1.0)),
-        float(start or 0.0),
-        float(end or 1.0),
-        str(params.get(KEY_PLACEHOLDER, "*")),
-        *(cells + [""] * (3 * ROWS - len(cells))),
-    ]
+    return [KEY_CONCEPTS in params, float(start or 0.0), float(end or 1.0), str(params.get(KEY_PLACEHOLDER, "*")), *cells]

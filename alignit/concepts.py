@@ -20,11 +20,13 @@ class Concept:
     trigger: the text the user writes (an embedding's own name or a placeholder such as ``<sks>``).
     class_word: the plain word(s) the base model conditions on in its place (``cat``).
     source: the name of the embedding that carries the concept; empty means the trigger itself.
+    strength: 1 takes the concept rows as they are, 0 keeps the class word's rows, in between blends (up to 2).
     """
 
     trigger: str
     class_word: str
     source: str = ""
+    strength: float = 1.0
 
     @property
     def source_name(self) -> str:
@@ -44,19 +46,19 @@ class Concept:
             )
         if trigger.lower() == class_word.lower():
             raise ConceptError(f"concept '{trigger}': the class word must differ from the trigger")
-        return Concept(trigger, class_word, source)
+        if not 0.0 <= self.strength <= 2.0:
+            raise ConceptError(f"concept '{trigger}': strength must lie in [0, 2] (got {self.strength})")
+        return Concept(trigger, class_word, source, float(self.strength))
 
 
 @dataclass(frozen=True)
 class Options:
     """Per-generation settings.
 
-    strength: 1 takes the concept rows as they are, 0 keeps the class word's rows, in between blends.
     step_start/step_end: the fraction of sampling steps during which the concept rows are used.
     placeholder: the neutral word that stands for every other token of the dummy prompt p'.
     """
 
-    strength: float = 1.0
     step_start: float = 0.0
     step_end: float = 1.0
     placeholder: str = "*"
@@ -65,8 +67,6 @@ class Options:
     def validated(self) -> Options:
         if not 0.0 <= self.step_start < self.step_end <= 1.0:
             raise ConceptError(f"the step range must satisfy 0 <= start < end <= 1 (got {self.step_start}, {self.step_end})")
-        if not 0.0 <= self.strength <= 2.0:
-            raise ConceptError(f"strength must lie in [0, 2] (got {self.strength})")
         if not self.placeholder.strip():
             raise ConceptError("the placeholder word is empty")
         return self

@@ -101,7 +101,8 @@ class Splicer:
             if not spans:
                 continue
             window = slice(i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS)
-            spliced = splice_chunk(rows[window], chunk, spans, self.options.strength)
+            strengths = [concept.strength for concept in self.options.concepts]
+            spliced = splice_chunk(rows[window], chunk, spans, strengths)
             out[window] = spliced.rows
             if spliced.dropped_concept_rows:
                 self.warn(

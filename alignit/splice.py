@@ -7,6 +7,7 @@ WebUI does when it stacks conditionings of different lengths. Every row that is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +66,12 @@ def _class_rows_for(rows: torch.Tensor, span: Span, count: int) -> torch.Tensor:
     return rows[index]
 
 
-def splice_chunk(rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torch.Tensor], strength: float = 1.0) -> SplicedChunk:
+def splice_chunk(
+    rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torch.Tensor], strengths: Sequence[float] = ()
+) -> SplicedChunk:
     """Replace each span's rows of ``rows`` (77 x C, p's encoding of ``chunk``) by its concept rows.
 
-    Spans missing from ``concept_rows`` keep p's rows. ``strength`` < 1 blends towards the class word's rows.
+    Spans missing from ``concept_rows`` keep p's rows. ``strengths[concept]`` < 1 blends towards the class word's rows.
     """
     blocks: list[torch.Tensor] = [rows]
     order: list[tuple[int, int, bool]] = []  # (block, row, removable padding)
@@ -81,6 +84,7 @@ def splice_chunk(rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torc
             row += 1
             continue
         block = concept_rows[span].to(rows)
+        strength = strengths[span.concept] if span.concept < len(strengths) else 1.0
         if strength != 1.0 and len(block):
             block = torch.lerp(_class_rows_for(rows, span, len(block)), block, strength)
         blocks.append(block)

@@ -54,18 +54,20 @@ class AlignITScript(scripts.Script):
                             elem_id=f"alignit_{tab}_source_{i}",
                         )
                     )
+                    rows.append(
+                        gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength_{i}")
+                    )
             with gr.Row():
-                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength")
                 step_start = gr.Slider(
                     0.0, 1.0, value=0.0, step=0.01, label="From step (fraction)", elem_id=f"alignit_{tab}_start"
                 )
                 step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step (fraction)", elem_id=f"alignit_{tab}_end")
                 placeholder = gr.Textbox("*", label="Placeholder word", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
                 refresh = gr.Button("Refresh embeddings", elem_id=f"alignit_{tab}_refresh")
-        sources = rows[2::3]
+        sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
         refresh.click(lambda: [gr.update(choices=_embedding_names()) for _ in sources], inputs=[], outputs=sources)
 
-        components = [enabled, strength, step_start, step_end, placeholder, *rows]
+        components = [enabled, step_start, step_end, placeholder, *rows]
 
         def pasted(index: int):
             return lambda params: alignit_args.from_infotext(params)[index]
@@ -108,7 +110,7 @@ def add_axis_options() -> bool:
                 _override("enabled", lambda v: str(v).lower() == "true"),
                 choices=xyz.boolean_choice(reverse=True),
             ),
-            xyz.AxisOption("[AlignIT] Strength", float, _override("strength", float)),
+            xyz.AxisOption("[AlignIT] Strength (all concepts)", float, _override("strength", float)),
             xyz.AxisOption("[AlignIT] Class word", str, _override("class_word", str)),
             xyz.AxisOption("[AlignIT] Step start", float, _override("step_start", float)),
             xyz.AxisOption("[AlignIT] Step end", float, _override("step_end", float)),

@@ -9,12 +9,12 @@ from alignit.concepts import Concept, Options
 from alignit.engine import ConceptSource, Splicer
 from alignit.prompt import rewrite_prompt
 
-SKS = ["<sks>", "cat", "sks"]
+SKS = ["<sks>", "cat", "sks", 1.0]
 
 
-def args(*rows, enabled=True, strength=1.0, start=0.0, end=1.0, placeholder="*"):
+def args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*"):
     cells = [cell for row in rows for cell in row]
-    return [enabled, strength, start, end, placeholder, *cells]
+    return [enabled, start, end, placeholder, *cells]
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +94,13 @@ def test_batch_of_different_prompts_with_and_editing_and_step_range():
     assert on.extra_generation_params == {"AlignIT": '[["<sks>", "cat", "sks"]]', "AlignIT steps": "0.2-0.8"}
 
 
+def test_strength_per_concept():
+    p = generate(Processing(["a <sks>"], steps=1), args(["<sks>", "cat", "sks", 0.25]))
+    aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
+    assert torch.equal(p.sampled[0][0][0][2], torch.lerp(base[2], aligned[2], 0.25))
+    assert p.extra_generation_params["AlignIT"] == '[["<sks>", "cat", "sks", 0.25]]'
+
+
 def test_negative_prompt_untouched_and_cache_not_poisoned():
     on = generate(Processing(["a <sks>"], negative="blurry"), args(SKS))
     aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
@@ -121,7 +128,7 @@ def test_hires_pass_gets_its_own_prompt_and_steps():
 
 
 def test_multi_vector_embedding_by_its_own_name():
-    p = generate(Processing(["lisa reading a book"], steps=2), args(["lisa", "woman", ""]))
+    p = generate(Processing(["lisa reading a book"], steps=2), args(["lisa", "woman", "", 1.0]))
     source = ConceptSource("lisa", 3, sd_hijack.model_hijack.embedding_db.word_embeddings["lisa"])
     aligned, _ = expected_aligned("lisa reading a book", [Concept("lisa", "woman")], [source])
     assert p.prompts == ["woman reading a book"]
@@ -131,8 +138,8 @@ def test_multi_vector_embedding_by_its_own_name():
 @pytest.mark.parametrize(
     ("rows", "placeholder", "message"),
     [
-        ([["<nope>", "cat", ""]], "*", "no embedding named '<nope>'"),
-        ([["<sks>", "", "sks"]], "*", "class word is empty"),
+        ([["<nope>", "cat", "", 1.0]], "*", "no embedding named '<nope>'"),
+        ([["<sks>", "", "sks", 1.0]], "*", "class word is empty"),
         ([SKS], "two words", "it must be one"),
     ],
 )

@@ -173,4 +173,4 @@ def test_xyz_axes_exist_without_the_ui(webui):
     scripts = _call(webui, "/sdapi/v1/script-info")
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = next(arg["choices"] for arg in xyz["args"] if arg["label"] == "X type")
-    assert {"[AlignIT] Enabled", "[AlignIT] Strength", "[AlignIT] Class word"} <= set(labels)
+    assert {"[AlignIT] Enabled", "[AlignIT] Strength (all concepts)", "[AlignIT] Class word"} <= set(labels)

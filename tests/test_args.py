@@ -5,29 +5,30 @@ from alignit.concepts import Concept, ConceptError, Options
 
 
 def test_positional_ui_order():
-    enabled, options = args.parse_args([True, 0.8, 0.1, 0.9, "*", "<sks>", "cat", "my-cat", "", "", "", "lisa", "woman", None])
+    row1, row2, row3 = ["<sks>", "cat", "my-cat", 0.8], ["", "", "", 1.0], ["lisa", "woman", None, None]
+    enabled, options = args.parse_args([True, 0.1, 0.9, "*", *row1, *row2, *row3])
     assert enabled
-    assert options == Options(0.8, 0.1, 0.9, "*", (Concept("<sks>", "cat", "my-cat"), Concept("lisa", "woman", "")))
+    assert options == Options(0.1, 0.9, "*", (Concept("<sks>", "cat", "my-cat", 0.8), Concept("lisa", "woman", "")))
 
 
 def test_dict_form_and_defaults():
-    enabled, options = args.parse_args([{"enabled": True, "concepts": [["<sks>", "cat"], {"trigger": "x", "class_word": "dog"}]}])
-    assert enabled and options.strength == 1.0 and options.placeholder == "*"
-    assert options.concepts == (Concept("<sks>", "cat", ""), Concept("x", "dog", ""))
+    given = {"enabled": True, "concepts": [["<sks>", "cat"], {"trigger": "x", "class_word": "dog", "strength": 0.5}]}
+    enabled, options = args.parse_args([given])
+    assert enabled and options.placeholder == "*" and (options.step_start, options.step_end) == (0.0, 1.0)
+    assert options.concepts == (Concept("<sks>", "cat", "", 1.0), Concept("x", "dog", "", 0.5))
     assert args.parse_args([]) == (False, Options())
 
 
 def test_bad_numbers_are_a_concept_error():
     with pytest.raises(ConceptError):
-        args.parse_args([True, "strong"])
+        args.parse_args([True, "early"])
 
 
 def test_infotext_round_trip():
-    options = Options(0.7, 0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat"), Concept("lisa", "woman")))
+    options = Options(0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat", 0.7), Concept("lisa", "woman")))
     params = args.to_infotext(options)
     assert params == {
-        "AlignIT": '[["<sks>", "cat", "my, cat"], ["lisa", "woman", ""]]',
-        "AlignIT strength": "0.7",
+        "AlignIT": '[["<sks>", "cat", "my, cat", 0.7], ["lisa", "woman", ""]]',
         "AlignIT steps": "0.2-0.8",
         "AlignIT placeholder": "~",
     }
@@ -38,8 +39,8 @@ def test_infotext_round_trip():
 def test_overrides_for_xyz():
     options = Options(concepts=(Concept("<sks>", "cat"), Concept("x", "dog")))
     enabled, changed = args.with_overrides(True, options, {"enabled": False, "strength": "0.5", "class_word": "kitten"})
-    assert not enabled and changed.strength == 0.5
-    assert changed.concepts == (Concept("<sks>", "kitten"), Concept("x", "dog"))
+    assert not enabled
+    assert changed.concepts == (Concept("<sks>", "kitten", "", 0.5), Concept("x", "dog", "", 0.5))
 
 
 @pytest.mark.parametrize(
@@ -49,6 +50,7 @@ def test_overrides_for_xyz():
         (Concept("<sks>", " "), "class word is empty"),
         (Concept("<sks>", "(cat)"), "plain words"),
         (Concept("<sks>", "cat AND dog"), "plain words"),
+        (Concept("<sks>", "cat", "", 3.0), "strength"),
     ],
 )
 def test_concept_validation(concept, message):

@@ -103,10 +103,10 @@ def test_two_concepts_and_a_plain_embedding(encoder, vectors):
 
 def test_strength_blends_towards_the_class_word(encoder, vectors):
     emb = vectors(1)
-    concept, source = Concept("<sks>", "cat"), ConceptSource("sks", 1, emb)
-    _, base, none = run(encoder, "a <sks>", [concept], [source], strength=0.0)
-    _, _, full = run(encoder, "a <sks>", [concept], [source], strength=1.0)
-    _, _, half = run(encoder, "a <sks>", [concept], [source], strength=0.5)
+    source = ConceptSource("sks", 1, emb)
+    _, base, none = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=0.0)], [source])
+    _, _, full = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=1.0)], [source])
+    _, _, half = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=0.5)], [source])
     assert torch.equal(none, base)
     assert torch.equal(half[2], torch.lerp(base[2], full[2], 0.5))
 
