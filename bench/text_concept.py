@@ -23,53 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "contract")]
 
-from clip_parts import clip_tokenizer  # noqa: E402
-from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
+from clip_parts import clip_tokenizer, clip_vit_l_text_model  # noqa: E402
+from ldm_parts import sd15_unet  # noqa: E402
 from modules import prompt_parser, sd_hijack, shared  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from webui_flow import FakeModel, Processing, generate  # noqa: E402
 
 from alignit.hosts import a1111  # noqa: E402
 
 PROMPT = "a photo of <sks> playing badminton in a garden, detailed, sharp focus"
-
-
-def sd15_unet() -> UNetModel:
-    return UNetModel(
-        image_size=32,
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        attention_resolutions=[4, 2, 1],
-        num_res_blocks=2,
-        channel_mult=[1, 2, 4, 4],
-        num_heads=8,
-        use_spatial_transformer=True,
-        transformer_depth=1,
-        context_dim=768,
-        legacy=False,
-    ).eval()
-
-
-def clip_l() -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
-    model = CLIPTextModel(config).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.bias.normal_(0, 0.1)
-    return model
 
 
 class TimedProcessing(Processing):
@@ -119,7 +80,7 @@ def main() -> None:
     TimedProcessing.latent = options.latent
 
     torch.manual_seed(0)
-    shared.sd_model = FakeModel(clip_l(), clip_tokenizer(), sd15_unet())
+    shared.sd_model = FakeModel(clip_vit_l_text_model(), clip_tokenizer(), sd15_unet())
     clip = shared.sd_model.cond_stage_model
     database = sd_hijack.EmbeddingDatabase()
     sd_hijack.model_hijack.embedding_db = database

@@ -56,16 +56,18 @@ def clip_tokenizer() -> CLIPTokenizer:
     )
 
 
-def small_clip_text_model(hidden: int = 32, layers: int = 3, seed: int = 0) -> CLIPTextModel:
-    """A random CLIP text model with the real vocabulary size; LayerNorm biases random as in trained models."""
+def clip_text_model(hidden: int, layers: int, heads: int, seed: int = 0) -> CLIPTextModel:
+    """A random CLIP text model with the real vocabulary; LayerNorms random as in trained models (all-zero biases
+    make A1111's "Original" emphasis divide 0 by 0)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=hidden * 4,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         max_position_embeddings=77,
+        hidden_act="quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
@@ -77,3 +79,12 @@ def small_clip_text_model(hidden: int = 32, layers: int = 3, seed: int = 0) -> C
                 module.bias.normal_(0, 0.1)
                 module.weight.normal_(1, 0.1)
     return model
+
+
+def small_clip_text_model(hidden: int = 32) -> CLIPTextModel:
+    return clip_text_model(hidden, layers=3, heads=4)
+
+
+def clip_vit_l_text_model() -> CLIPTextModel:
+    """CLIP ViT-L/14's text encoder (SD1.x) from its config: 768 wide, 12 layers, 12 heads."""
+    return clip_text_model(768, layers=12, heads=12)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from ldm_parts import small_unet
 from modules import sd_hijack, shared  # the contract in tests/contract
 from webui_flow import FakeModel, Processing, generate
 
@@ -19,24 +20,7 @@ def args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*"):
 
 @pytest.fixture(autouse=True)
 def webui(text_model, tokenizer, vectors):
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    torch.manual_seed(0)
-    unet = UNetModel(
-        image_size=8,
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        attention_resolutions=[1, 2],
-        num_res_blocks=1,
-        channel_mult=[1, 2],
-        num_head_channels=16,
-        use_spatial_transformer=True,
-        transformer_depth=1,
-        context_dim=32,
-        legacy=False,
-    ).eval()
-    shared.sd_model = FakeModel(text_model, tokenizer, unet)
+    shared.sd_model = FakeModel(text_model, tokenizer, small_unet())
     database = sd_hijack.EmbeddingDatabase()
     sd_hijack.model_hijack.embedding_db = database
     clip = shared.sd_model.cond_stage_model

@@ -1,0 +1,33 @@
+"""UNets of the ldm code A1111 runs for SD1.x (``stable-diffusion-sdkit``), random weights."""
+
+from __future__ import annotations
+
+import torch
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+
+def unet(context_dim: int, model_channels: int, channel_mult: list[int], attention_resolutions: list[int], **extra) -> UNetModel:
+    torch.manual_seed(0)
+    return UNetModel(
+        image_size=32,
+        in_channels=4,
+        out_channels=4,
+        model_channels=model_channels,
+        attention_resolutions=attention_resolutions,
+        channel_mult=channel_mult,
+        use_spatial_transformer=True,
+        transformer_depth=1,
+        context_dim=context_dim,
+        legacy=False,
+        **extra,
+    ).eval()
+
+
+def small_unet(context_dim: int = 32) -> UNetModel:
+    """7 cross-attention layers, 32 channels."""
+    return unet(context_dim, 32, [1, 2], [1, 2], num_res_blocks=1, num_head_channels=16)
+
+
+def sd15_unet() -> UNetModel:
+    """SD1.5's UNet (configs/v1-inference.yaml ``unet_config``): 16 cross-attention layers."""
+    return unet(768, 320, [1, 2, 4, 4], [4, 2, 1], num_res_blocks=2, num_heads=8)
