@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from .concepts import ConceptError, Options
+from .kv import ConceptKV, Key, Projection
 from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_prompt
 from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
@@ -32,14 +34,51 @@ class TextEncoder(Tokenizer, Protocol):
         """Raise LayoutMismatch if ``chunks`` is not how the host lays out ``plain_text``."""
         ...
 
+    def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
+        """What ``encode_chunk`` takes as a fix for raw embedding vectors (n x C)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ConceptSource:
-    """A concept ready to encode: ``handle`` is what the host inserts at the concept's rows (its embedding)."""
+    """A concept ready to encode.
+
+    tokens: what the concept occupies in p' (0 where embedding vectors go); fixes: (offset in the concept, handle).
+    text_patch: customizes the host's text encoder while p' is encoded (a text-encoder LoRA).
+    kv: per cross-attention projection, the concept's own weights (UNet LoRA, Custom Diffusion).
+    """
 
     name: str
-    vectors: int
-    handle: Any
+    tokens: tuple[int, ...]
+    fixes: tuple[tuple[int, Any], ...] = ()
+    text_patch: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    kv: Mapping[Key, Projection] = field(default_factory=dict)
+
+    @classmethod
+    def embedding(cls, name: str, vectors: int, handle: Any) -> ConceptSource:
+        """A textual-inversion concept: ``vectors`` rows from one embedding."""
+        return cls(name, (0,) * vectors, ((0, handle),))
+
+    @property
+    def vectors(self) -> int:
+        return len(self.tokens)
+
+
+def concept_tokens(encoder: TextEncoder, text: str, embeddings: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple]:
+    """Tokens and fixes of a trigger text in which the names of ``embeddings`` (modifier tokens) become vectors."""
+    tokens = list(encoder.tokenize([text])[0])
+    fixes = []
+    for name, vectors in sorted(embeddings.items(), key=lambda item: -len(item[0])):
+        ids = encoder.tokenize([name])[0]
+        position = 0
+        while position <= len(tokens) - len(ids):
+            if tokens[position : position + len(ids)] == ids:
+                tokens[position : position + len(ids)] = [0] * len(vectors)
+                fixes.append((position, encoder.embedding_handle(name, vectors)))
+                position += len(vectors)
+            else:
+                position += 1
+    return tuple(tokens), tuple(fixes)
 
 
 @dataclass
@@ -51,6 +90,7 @@ class Splicer:
     options: Options
     warnings: list[str] = field(default_factory=list)
     _dummy_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _written: dict[int, dict[bytes, torch.Tensor]] = field(default_factory=dict)
     _layouts: dict[str, list[Chunk]] = field(default_factory=dict)
     _placeholder: int | None = None
 
@@ -68,11 +108,13 @@ class Splicer:
         source = self.sources[span.concept]
         if span.part or source is None:
             return torch.empty(0)
-        dummy = dummy_chunk(chunk, span, source.vectors, self.placeholder_id)
-        key = (tuple(dummy.tokens), tuple(dummy.multipliers), dummy.fix_offset, span.concept)
+        dummy = dummy_chunk(chunk, span, source.tokens, self.placeholder_id)
+        key = (tuple(dummy.tokens), tuple(dummy.multipliers), dummy.start, span.concept)
         if key not in self._dummy_rows:
-            with torch.no_grad():
-                rows = self.encoder.encode_chunk(dummy.tokens, dummy.multipliers, [(dummy.fix_offset, source.handle)])
+            fixes = [(dummy.start + offset, handle) for offset, handle in source.fixes if offset < dummy.count]
+            patch = source.text_patch() if source.text_patch else contextlib.nullcontext()
+            with torch.no_grad(), patch:
+                rows = self.encoder.encode_chunk(dummy.tokens, dummy.multipliers, fixes)
             self._dummy_rows[key] = rows[dummy.rows]
         return self._dummy_rows[key]
 
@@ -104,6 +146,9 @@ class Splicer:
             strengths = [concept.strength for concept in self.options.concepts]
             spliced = splice_chunk(rows[window], chunk, spans, strengths)
             out[window] = spliced.rows
+            for span, block in spliced.written.items():
+                if self.sources[span.concept].kv:
+                    self._written.setdefault(span.concept, {}).update({row.numpy().tobytes(): row for row in block.cpu()})
             if spliced.dropped_concept_rows:
                 self.warn(
                     f"chunk {i + 1} of '{strip_markers(marked_text)[:60]}' is full: "
@@ -119,6 +164,13 @@ class Splicer:
             raise LayoutMismatch("the prompt's schedule differs from the one AlignIT planned")
         aligned = [self.splice(text, cond) if MARK_OPEN in text else cond for (_, cond), (_, text) in zip(schedule, marked)]
         return refine_schedule(schedule, aligned, self.options.step_start, self.options.step_end)
+
+    def kv_concepts(self) -> list[ConceptKV]:
+        """The weight-side concepts with every row spliced so far, for the K/V hooks."""
+        concepts = []
+        for index, rows in sorted(self._written.items()):
+            concepts.append(ConceptKV(torch.stack(list(rows.values())), self.sources[index].kv))
+        return concepts
 
     def warn(self, message: str) -> None:
         """Keep a message for the host to show (hosts drain ``warnings``)."""

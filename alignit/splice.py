@@ -17,30 +17,31 @@ from .layout import CHUNK_ROWS, CHUNK_TOKENS, PAD, Chunk, Span
 
 @dataclass(frozen=True)
 class DummyChunk:
-    """Tokens and weights of p' for one span; the concept's vectors go at ``fix_offset`` (not counting BOS)."""
+    """Tokens and weights of p' for one span; the concept starts at ``start`` (not counting BOS), ``count`` slots."""
 
     tokens: list[int]
     multipliers: list[float]
-    fix_offset: int
-    vectors: int
+    start: int
+    count: int
 
     @property
     def rows(self) -> slice:
-        return slice(self.fix_offset + 1, self.fix_offset + 1 + self.vectors)
+        return slice(self.start + 1, self.start + 1 + self.count)
 
 
-def dummy_chunk(chunk: Chunk, span: Span, vectors: int, placeholder: int) -> DummyChunk:
+def dummy_chunk(chunk: Chunk, span: Span, concept: Sequence[int], placeholder: int) -> DummyChunk:
     """p' for ``span``: every token of the chunk but the concept becomes ``placeholder``; padding stays padding.
 
     The concept takes the weight of its class word, the placeholders the weights of the tokens they stand for,
     so that emphasis (including the WebUI's mean-restoring "Original" mode) treats p' as it treats p.
+    ``concept`` is the concept's token ids (0 where embedding vectors go); what does not fit the chunk is cut.
     """
     id_start, id_end = chunk.tokens[0], chunk.tokens[-1]
     before = span.start - 1
-    vectors = max(0, min(vectors, CHUNK_TOKENS - before))
+    concept = list(concept)[: max(0, CHUNK_TOKENS - before)]
     after = range(span.start + span.length, CHUNK_ROWS - 1)
-    tokens = [placeholder] * before + [0] * vectors
-    weights = chunk.multipliers[1 : span.start] + [chunk.multipliers[span.start]] * vectors
+    tokens = [placeholder] * before + concept
+    weights = chunk.multipliers[1 : span.start] + [chunk.multipliers[span.start]] * len(concept)
     for row in after:
         tokens.append(id_end if chunk.tags[row] == PAD else placeholder)
         weights.append(chunk.multipliers[row])
@@ -50,14 +51,17 @@ def dummy_chunk(chunk: Chunk, span: Span, vectors: int, placeholder: int) -> Dum
         [id_start] + tokens + [id_end] * (missing + 1),
         [1.0] + weights + [1.0] * (missing + 1),
         before,
-        vectors,
+        len(concept),
     )
 
 
 @dataclass(frozen=True)
 class SplicedChunk:
+    """The chunk's new rows, and each span's rows as written (blended by strength)."""
+
     rows: torch.Tensor
     dropped_concept_rows: int
+    written: dict[Span, torch.Tensor]
 
 
 def _class_rows_for(rows: torch.Tensor, span: Span, count: int) -> torch.Tensor:
@@ -74,6 +78,7 @@ def splice_chunk(
     Spans missing from ``concept_rows`` keep p's rows. ``strengths[concept]`` < 1 blends towards the class word's rows.
     """
     blocks: list[torch.Tensor] = [rows]
+    written: dict[Span, torch.Tensor] = {}
     order: list[tuple[int, int, bool]] = []  # (block, row, removable padding)
     starts = {span.start: span for span in concept_rows}
     row = 0
@@ -88,6 +93,7 @@ def splice_chunk(
         if strength != 1.0 and len(block):
             block = torch.lerp(_class_rows_for(rows, span, len(block)), block, strength)
         blocks.append(block)
+        written[span] = block
         order += [(len(blocks) - 1, j, False) for j in range(len(block))]
         row += span.length
 
@@ -107,4 +113,4 @@ def splice_chunk(
         offsets.append(offsets[-1] + len(block))
     stacked = torch.cat(blocks)
     index = torch.tensor([offsets[block] + j for block, j, _ in order], device=rows.device)
-    return SplicedChunk(stacked.index_select(0, index), dropped)
+    return SplicedChunk(stacked.index_select(0, index), dropped, written)

@@ -44,7 +44,7 @@ def expected_aligned(prompt, concepts, sources):
 
 def sks_source():
     embedding = sd_hijack.model_hijack.embedding_db.word_embeddings["sks"]
-    return ConceptSource("sks", 1, embedding)
+    return ConceptSource.embedding("sks", 1, embedding)
 
 
 def test_disabled_is_bit_identical_to_no_extension():
@@ -113,7 +113,7 @@ def test_hires_pass_gets_its_own_prompt_and_steps():
 
 def test_multi_vector_embedding_by_its_own_name():
     p = generate(Processing(["lisa reading a book"], steps=2), args(["lisa", "woman", "", 1.0]))
-    source = ConceptSource("lisa", 3, sd_hijack.model_hijack.embedding_db.word_embeddings["lisa"])
+    source = ConceptSource.embedding("lisa", 3, sd_hijack.model_hijack.embedding_db.word_embeddings["lisa"])
     aligned, _ = expected_aligned("lisa reading a book", [Concept("lisa", "woman")], [source])
     assert p.prompts == ["woman reading a book"]
     assert torch.equal(p.sampled[0][0][0], aligned)

@@ -33,7 +33,9 @@ def dummy(encoder, before, vectors, after, content_weights=None, weight=1.0):
 def test_multi_vector_embedding_one_token_class_word(encoder, vectors):
     emb = vectors(3)
     concept = Concept("<sks>", "cat")
-    _, base, out = run(encoder, "a photo of <sks> playing badminton in a garden", [concept], [ConceptSource("sks", 3, emb)])
+    _, base, out = run(
+        encoder, "a photo of <sks> playing badminton in a garden", [concept], [ConceptSource.embedding("sks", 3, emb)]
+    )
     assert out.shape == base.shape == (77, 32)
     assert torch.equal(out[:4], base[:4])  # BOS, a, photo, of
     assert torch.equal(out[4:7], dummy(encoder, 3, emb, 5))  # concept rows = customized encoding of p'
@@ -45,7 +47,7 @@ def test_multi_vector_embedding_one_token_class_word(encoder, vectors):
 def test_one_vector_multi_token_class_word(encoder, vectors):
     emb = vectors(1)
     concept = Concept("<sks>", "golden retriever")
-    _, base, out = run(encoder, "a <sks> on a sofa", [concept], [ConceptSource("sks", 1, emb)])
+    _, base, out = run(encoder, "a <sks> on a sofa", [concept], [ConceptSource.embedding("sks", 1, emb)])
     assert torch.equal(out[:2], base[:2])
     assert torch.equal(out[2:3], dummy(encoder, 1, emb, 3))
     assert torch.equal(out[3:75], base[4:76])
@@ -54,7 +56,7 @@ def test_one_vector_multi_token_class_word(encoder, vectors):
 
 def test_equal_lengths_touch_only_the_concept_rows(encoder, vectors):
     emb = vectors(1)
-    _, base, out = run(encoder, "a <sks> playing badminton", [Concept("<sks>", "cat")], [ConceptSource("sks", 1, emb)])
+    _, base, out = run(encoder, "a <sks> playing badminton", [Concept("<sks>", "cat")], [ConceptSource.embedding("sks", 1, emb)])
     changed = (out != base).any(dim=1).nonzero().flatten().tolist()
     assert changed == [2]
     assert torch.equal(out[2:3], dummy(encoder, 1, emb, 2))
@@ -63,7 +65,7 @@ def test_equal_lengths_touch_only_the_concept_rows(encoder, vectors):
 def test_trigger_in_second_chunk(encoder, vectors):
     emb = vectors(2)
     prompt = "photo " * 80 + "of <sks> in a garden"
-    _, base, out = run(encoder, prompt, [Concept("<sks>", "cat")], [ConceptSource("sks", 2, emb)])
+    _, base, out = run(encoder, prompt, [Concept("<sks>", "cat")], [ConceptSource.embedding("sks", 2, emb)])
     assert out.shape == base.shape == (154, 32)
     assert torch.equal(out[:77], base[:77])
     second_base, second = base[77:], out[77:]
@@ -76,7 +78,7 @@ def test_trigger_in_second_chunk(encoder, vectors):
 
 def test_emphasis_scales_concept_rows(encoder, vectors):
     emb = vectors(2)
-    concept, source = Concept("<sks>", "cat"), ConceptSource("sks", 2, emb)
+    concept, source = Concept("<sks>", "cat"), ConceptSource.embedding("sks", 2, emb)
     encoder.emphasis = "No norm"
     _, _, plain = run(encoder, "a <sks> on a sofa", [concept], [source])
     _, base, weighted = run(encoder, "a (<sks>:1.5) on a sofa", [concept], [source])
@@ -91,7 +93,7 @@ def test_two_concepts_and_a_plain_embedding(encoder, vectors):
     cat, dog, style = vectors(2, seed=1), vectors(1, seed=2), vectors(3, seed=3)
     encoder.add_embedding("stylish", style)
     concepts = [Concept("<sks>", "cat"), Concept("<zwx>", "dog")]
-    sources = [ConceptSource("sks", 2, cat), ConceptSource("zwx", 1, dog)]
+    sources = [ConceptSource.embedding("sks", 2, cat), ConceptSource.embedding("zwx", 1, dog)]
     _, base, out = run(encoder, "<sks> and <zwx> stylish", concepts, sources)
     # plain: BOS cat and dog stylish(3) EOS...  spliced: BOS cat'(2) and dog'(1) stylish(3)
     assert torch.equal(out[1:3], dummy(encoder, 0, cat, 5))
@@ -103,7 +105,7 @@ def test_two_concepts_and_a_plain_embedding(encoder, vectors):
 
 def test_strength_blends_towards_the_class_word(encoder, vectors):
     emb = vectors(1)
-    source = ConceptSource("sks", 1, emb)
+    source = ConceptSource.embedding("sks", 1, emb)
     _, base, none = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=0.0)], [source])
     _, _, full = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=1.0)], [source])
     _, _, half = run(encoder, "a <sks>", [Concept("<sks>", "cat", strength=0.5)], [source])
@@ -114,7 +116,7 @@ def test_strength_blends_towards_the_class_word(encoder, vectors):
 def test_concept_split_across_chunks_keeps_every_chunk_77_rows(encoder, vectors):
     emb = vectors(2)
     concept = Concept("<sks>", "golden retriever")
-    _, base, out = run(encoder, "a " * 74 + "<sks> runs", [concept], [ConceptSource("sks", 2, emb)])
+    _, base, out = run(encoder, "a " * 74 + "<sks> runs", [concept], [ConceptSource.embedding("sks", 2, emb)])
     assert out.shape == base.shape == (154, 32)
     assert torch.equal(out[:75], base[:75])
     assert torch.equal(out[75:76], dummy(encoder, 74, emb, 0)[:1])  # one slot left in chunk 1
@@ -126,7 +128,7 @@ def test_placeholders_before_the_concept_matter_after_it_do_not(encoder, vectors
     """Causal attention: the concept rows depend on the tokens before it only (emphasis 'No norm': no mean)."""
     emb = vectors(2)
     encoder.emphasis = "No norm"
-    concept, source = Concept("<sks>", "cat"), ConceptSource("sks", 2, emb)
+    concept, source = Concept("<sks>", "cat"), ConceptSource.embedding("sks", 2, emb)
     _, _, short = run(encoder, "a <sks>", [concept], [source])
     _, _, long = run(encoder, "a <sks> " + "playing " * 30, [concept], [source])
     _, _, moved = run(encoder, "a a <sks>", [concept], [source])

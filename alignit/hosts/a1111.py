@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -69,6 +70,10 @@ class A1111Encoder:
         if theirs != ours:
             raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
 
+    def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
+        """What ``sd_hijack.EmbeddingsWithFixes`` reads from an embedding: ``vec`` (and ``vectors``)."""
+        return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
+
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
         self.clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
         with devices.autocast():
@@ -86,7 +91,7 @@ def resolve_embedding(concept: Concept) -> ConceptSource:
             (e for key, e in database.word_embeddings.items() if key.lower() == name.lower()), None
         )
         if embedding is not None:
-            return ConceptSource(embedding.name, int(embedding.vectors), embedding)
+            return ConceptSource.embedding(embedding.name, int(embedding.vectors), embedding)
         if name in database.skipped_embeddings:
             raise ConceptError(f"concept '{concept.trigger}': embedding '{name}' was made for another model family")
     raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")

@@ -92,6 +92,9 @@ class HFClipEncoder:
                 return EmbeddingMatch(self.embeddings[name].shape[0], len(ids), self.embeddings[name])
         return None
 
+    def embedding_handle(self, name: str, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors
+
     def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
         own = layout_prompt(plain_text, self, self.layout_options)
         if [(c.tokens, c.multipliers) for c in own] != [(c.tokens, c.multipliers) for c in chunks]:

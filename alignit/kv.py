@@ -1,0 +1,219 @@
+"""Key/value injection for weight-side concepts (LoRA, Custom Diffusion).
+
+A concept's rows c' reach every cross-attention layer inside the conditioning; its keys and values must be
+``(W + ΔW)·c'`` (LoRA) or ``W_cd·c'`` (Custom Diffusion) while every other row keeps ``W·c``. Forward hooks on
+``attn2.to_k``/``attn2.to_v`` find the concept rows by their values (so no batch layout is assumed: cond/uncond
+order, AND parts, batch size and padding do not matter) and rewrite those rows only. ``ΔW·c'`` is computed once per
+prompt; a LoRA stays low-rank. In the "full" scope the WebUI applies the LoRA to the whole UNet, and the hooks take
+``ΔW·x`` back out of every other row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .concepts import ConceptError
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """``ΔW = scale · up @ down`` (down: r x in, up: out x r), never materialised."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+
+    def times(self, multiplier: float) -> LowRank:
+        return LowRank(self.down, self.up, self.scale * multiplier)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW · x`` for rows x (..., in)."""
+        down, up = self.down.to(x), self.up.to(x)
+        return F.linear(F.linear(x, down), up) * self.scale
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.shape[1]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full replacement weight (Custom Diffusion's fine-tuned to_k/to_v)."""
+
+    weight: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+Projection = LowRank | Replacement
+Key = tuple[str, str]  # (layer path relative to the UNet, "k" | "v")
+
+
+def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Linear]:
+    """Every cross-attention to_k/to_v of an ldm UNet, by ``(layer, proj)``."""
+    found = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
+            found[(name[: -len(".to_k")], name[-1])] = module
+    return found
+
+
+def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Linear]) -> None:
+    """ConceptError when a concept's K/V weights name layers or shapes this UNet does not have."""
+    missing = [key for key in weights if key not in modules]
+    if missing:
+        raise ConceptError(f"'{name}' was made for another model: this UNet has no layer {missing[0][0]}")
+    for key, projection in weights.items():
+        have = tuple(modules[key].weight.shape)
+        if projection.shape != have:
+            raise ConceptError(f"'{name}' was made for another model: {key[0]}.to_{key[1]} is {projection.shape}, here {have}")
+
+
+@dataclass
+class ConceptKV:
+    """One weight-side concept: its rows as spliced into the conditioning, and its per-layer projections."""
+
+    rows: torch.Tensor
+    weights: Mapping[Key, Projection]
+
+
+@dataclass
+class _Layer:
+    set_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to write)
+    add_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to add)
+    remove: list[LowRank] = field(default_factory=list)  # full scope: ΔW·x taken out of every other row
+
+
+class KVInjector:
+    """Hooks that give the concept rows their customized keys/values; use as a context or call ``remove``.
+
+    ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
+    nothing and remove themselves.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        concepts: Sequence[ConceptKV],
+        global_lora: Mapping[Key, LowRank] | None = None,
+        is_current: Callable[[], bool] = lambda: True,
+    ):
+        modules = attn2_modules(unet)
+        rows = [concept.rows for concept in concepts if len(concept.rows)]
+        self.table = torch.cat(rows) if rows else torch.empty(0)
+        self.is_current = is_current
+        self.hits_by_layer: dict[Key, int] = {}
+        self._layers: dict[Key, _Layer] = {}
+        start = 0
+        with torch.no_grad():
+            for concept in concepts:
+                ids = torch.arange(start, start + len(concept.rows))
+                start += len(concept.rows)
+                for key, projection in concept.weights.items():
+                    layer = self._layers.setdefault(key, _Layer())
+                    if isinstance(projection, Replacement):
+                        layer.set_rows.append((ids, F.linear(concept.rows.to(projection.weight), projection.weight)))
+                    else:
+                        layer.add_rows.append((ids, projection.delta(concept.rows.float())))
+            for key, projection in (global_lora or {}).items():
+                self._layers.setdefault(key, _Layer()).remove.append(projection)
+        self._last: tuple[tuple, torch.Tensor] | None = None
+        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self._layers if key in modules]
+
+    def _hits(self, context: torch.Tensor) -> torch.Tensor:
+        """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per tensor."""
+        key = (context.data_ptr(), tuple(context.shape), context._version)
+        if self._last is None or self._last[0] != key:
+            table = self.table.to(device=context.device, dtype=context.dtype)
+            if len(table) == 0:
+                hits = torch.empty(0, 3, dtype=torch.long, device=context.device)
+            else:
+                equal = (context.unsqueeze(-2) == table).all(-1)
+                hits = equal.nonzero()
+            self._last = (key, hits)
+        return self._last[1]
+
+    def _hook(self, key: Key):
+        layer = self._layers[key]
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.is_current():
+                self.remove()
+                return None
+            context = inputs[0]
+            hits = self._hits(context)
+            self.hits_by_layer[key] = self.hits_by_layer.get(key, 0) + len(hits)
+            if not len(hits) and not layer.remove:
+                return None
+            output = output.clone()
+            for projection in layer.remove:
+                output = output - projection.delta(context).to(output.dtype)
+                if len(hits):  # concept rows keep the WebUI's (W + ΔW)·c'
+                    output[hits[:, 0], hits[:, 1]] += projection.delta(context[hits[:, 0], hits[:, 1]]).to(output.dtype)
+            for ids, values in layer.set_rows:
+                self._write(output, hits, ids, values, add=False)
+            for ids, values in layer.add_rows:
+                self._write(output, hits, ids, values, add=True)
+            return output
+
+        return hook
+
+    @staticmethod
+    def _write(output: torch.Tensor, hits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, add: bool) -> None:
+        ids = ids.to(hits.device)
+        mine = torch.isin(hits[:, 2], ids)
+        if not mine.any():
+            return
+        selected = hits[mine]
+        rows = values.to(device=output.device, dtype=output.dtype)[selected[:, 2] - ids[0]]
+        if add:
+            output[selected[:, 0], selected[:, 1]] += rows
+        else:
+            output[selected[:, 0], selected[:, 1]] = rows
+
+    def unmatched_layers(self) -> list[Key]:
+        """Layers whose hook ran without ever seeing a concept row (a hypernetwork or UNet replacement in the way)."""
+        return [key for key, count in self.hits_by_layer.items() if count == 0]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> KVInjector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@contextlib.contextmanager
+def text_lora(text_model: torch.nn.Module, factors: Mapping[str, LowRank]) -> Iterator[None]:
+    """Apply a text-encoder LoRA functionally (``y + ΔW·x`` on each matched Linear) while the block runs."""
+    modules = {}
+    for name, module in text_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            modules[name.replace(".", "_").removeprefix("text_model_")] = module
+    unknown = [name for name in factors if name not in modules]
+    if unknown:
+        raise ConceptError(f"the LoRA's text-encoder part names {unknown[0]}, which this text encoder does not have")
+    handles = [
+        modules[name].register_forward_hook(lambda m, i, o, p=projection: o + p.delta(i[0]).to(o.dtype))
+        for name, projection in factors.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,38 @@
+"""Reading weight files safely: safetensors, or torch pickles with ``weights_only=True`` (no code execution)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..concepts import ConceptError
+
+
+def load_tensors(path: str | Path) -> dict[str, Any]:
+    """The file's contents (nested dicts of tensors for pickles); a ConceptError names the file if it can't be read."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise ConceptError(f"no file {path}") from error
+    except Exception as error:  # safetensors, pickle and zip all raise their own types for a corrupt file
+        raise ConceptError(f"cannot read {path.name}: {type(error).__name__}: {error}") from error
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': t}}`` → ``{'a.b': t}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
