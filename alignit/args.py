@@ -1,8 +1,9 @@
 """The script's arguments, in the order of its UI, and how they are written to and read from infotext.
 
 API callers pass ``"alwayson_scripts": {"AlignIT": {"args": [...]}}`` either positionally (the UI order:
-``enabled, step_start, step_end, placeholder``, then per concept row ``trigger, class word, embedding, strength``)
-or as one dict: ``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat", 1.0]], "step_end": 0.8}``.
+``enabled, step_start, step_end, placeholder, lora_scope``, then per concept row ``trigger, class word, source,
+strength``) or as one dict: ``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat", 1.0]], "step_end": 0.8}``.
+A source is an embedding's name, ``lora:NAME[:WEIGHT]`` or ``cd:NAME``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from .concepts import Concept, ConceptError, Options
 ROWS = 3
 """Concept rows in the UI."""
 
-SCALARS = ("enabled", "step_start", "step_end", "placeholder")
-DEFAULTS: dict[str, Any] = {"enabled": False, "step_start": 0.0, "step_end": 1.0, "placeholder": "*"}
+SCALARS = ("enabled", "step_start", "step_end", "placeholder", "lora_scope")
+DEFAULTS: dict[str, Any] = {"enabled": False, "step_start": 0.0, "step_end": 1.0, "placeholder": "*", "lora_scope": "kv"}
 ROW_FIELDS = ("trigger", "class_word", "source", "strength")
 ROW_DEFAULTS: tuple[Any, ...] = ("", "", "", 1.0)
 ARG_COUNT = len(SCALARS) + len(ROW_FIELDS) * ROWS
@@ -26,6 +27,7 @@ ARG_COUNT = len(SCALARS) + len(ROW_FIELDS) * ROWS
 KEY_CONCEPTS = "AlignIT"
 KEY_STEPS = "AlignIT steps"
 KEY_PLACEHOLDER = "AlignIT placeholder"
+KEY_SCOPE = "AlignIT LoRA scope"
 
 
 def _concept(row: Any) -> Concept | None:
@@ -49,7 +51,13 @@ def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
             width = len(ROW_FIELDS)
             rows = [padded[i : i + width] for i in range(len(SCALARS), ARG_COUNT, width)]
         concepts = tuple(concept for concept in map(_concept, rows) if concept is not None)
-        options = Options(float(values["step_start"]), float(values["step_end"]), str(values["placeholder"]), concepts)
+        options = Options(
+            float(values["step_start"]),
+            float(values["step_end"]),
+            str(values["placeholder"]),
+            concepts,
+            str(values["lora_scope"]),
+        )
     except (TypeError, ValueError) as error:
         raise ConceptError(f"bad AlignIT arguments: {error}") from error
     return bool(values["enabled"]), options
@@ -75,6 +83,8 @@ def to_infotext(options: Options) -> dict[str, str]:
         params[KEY_STEPS] = f"{options.step_start:g}-{options.step_end:g}"
     if options.placeholder != "*":
         params[KEY_PLACEHOLDER] = options.placeholder
+    if options.lora_scope != "kv":
+        params[KEY_SCOPE] = options.lora_scope
     return params
 
 
@@ -90,4 +100,5 @@ def from_infotext(params: Mapping[str, Any]) -> list[Any]:
     while len(cells) < len(ROW_FIELDS) * ROWS:
         cells += ROW_DEFAULTS
     start, _, end = str(params.get(KEY_STEPS, "0-1")).partition("-")
-    return [KEY_CONCEPTS in params, float(start or 0.0), float(end or 1.0), str(params.get(KEY_PLACEHOLDER, "*")), *cells]
+    placeholder, scope = str(params.get(KEY_PLACEHOLDER, "*")), str(params.get(KEY_SCOPE, "kv"))
+    return [KEY_CONCEPTS in params, float(start or 0.0), float(end or 1.0), placeholder, scope, *cells]

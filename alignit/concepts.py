@@ -51,22 +51,55 @@ class Concept:
         return Concept(trigger, class_word, source, float(self.strength))
 
 
+LORA_SCOPES = ("kv", "full")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a concept comes from: ``kind`` is "embedding", "lora" or "cd" (Custom Diffusion); ``weight`` is the
+    LoRA multiplier (``lora:name:0.8``)."""
+
+    kind: str
+    name: str
+    weight: float = 1.0
+
+
+def parse_source(concept: Concept) -> SourceSpec:
+    """``lora:NAME[:WEIGHT]``, ``cd:NAME``, or an embedding's name (empty: the trigger's own name)."""
+    text = concept.source_name
+    kind, _, rest = text.partition(":")
+    if kind.lower() == "lora" and rest:
+        name, _, weight = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+        try:
+            return SourceSpec("lora", name.strip(), float(weight) if weight.strip() else 1.0)
+        except ValueError:
+            return SourceSpec("lora", rest.strip())
+    if kind.lower() == "cd" and rest:
+        return SourceSpec("cd", rest.strip())
+    return SourceSpec("embedding", text)
+
+
 @dataclass(frozen=True)
 class Options:
     """Per-generation settings.
 
     step_start/step_end: the fraction of sampling steps during which the concept rows are used.
     placeholder: the neutral word that stands for every other token of the dummy prompt p'.
+    lora_scope: "kv" (the UNet runs its base weights; a concept's LoRA acts only through the concept's keys and
+    values) or "full" (the WebUI applies the LoRA to the whole UNet; AlignIT gives every other token base keys/values).
     """
 
     step_start: float = 0.0
     step_end: float = 1.0
     placeholder: str = "*"
     concepts: tuple[Concept, ...] = field(default_factory=tuple)
+    lora_scope: str = "kv"
 
     def validated(self) -> Options:
         if not 0.0 <= self.step_start < self.step_end <= 1.0:
             raise ConceptError(f"the step range must satisfy 0 <= start < end <= 1 (got {self.step_start}, {self.step_end})")
         if not self.placeholder.strip():
             raise ConceptError("the placeholder word is empty")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ConceptError(f"the LoRA scope must be one of {LORA_SCOPES} (got {self.lora_scope!r})")
         return self

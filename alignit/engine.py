@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from .concepts import ConceptError, Options
-from .kv import ConceptKV, Key, Projection
+from .kv import ConceptKV, Key, LowRank, Projection
 from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_prompt
 from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
@@ -46,6 +46,7 @@ class ConceptSource:
     tokens: what the concept occupies in p' (0 where embedding vectors go); fixes: (offset in the concept, handle).
     text_patch: customizes the host's text encoder while p' is encoded (a text-encoder LoRA).
     kv: per cross-attention projection, the concept's own weights (UNet LoRA, Custom Diffusion).
+    global_kv: a LoRA the WebUI applies to the whole UNet ("full" scope), to be taken out of every other row.
     """
 
     name: str
@@ -53,6 +54,7 @@ class ConceptSource:
     fixes: tuple[tuple[int, Any], ...] = ()
     text_patch: Callable[[], contextlib.AbstractContextManager[None]] | None = None
     kv: Mapping[Key, Projection] = field(default_factory=dict)
+    global_kv: Mapping[Key, LowRank] = field(default_factory=dict)
 
     @classmethod
     def embedding(cls, name: str, vectors: int, handle: Any) -> ConceptSource:
@@ -62,6 +64,10 @@ class ConceptSource:
     @property
     def vectors(self) -> int:
         return len(self.tokens)
+
+    @property
+    def weight_side(self) -> bool:
+        return bool(self.kv or self.global_kv)
 
 
 def concept_tokens(encoder: TextEncoder, text: str, embeddings: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple]:
@@ -147,7 +153,7 @@ class Splicer:
             spliced = splice_chunk(rows[window], chunk, spans, strengths)
             out[window] = spliced.rows
             for span, block in spliced.written.items():
-                if self.sources[span.concept].kv:
+                if self.sources[span.concept].weight_side:
                     self._written.setdefault(span.concept, {}).update({row.numpy().tobytes(): row for row in block.cpu()})
             if spliced.dropped_concept_rows:
                 self.warn(
@@ -167,10 +173,11 @@ class Splicer:
 
     def kv_concepts(self) -> list[ConceptKV]:
         """The weight-side concepts with every row spliced so far, for the K/V hooks."""
-        concepts = []
-        for index, rows in sorted(self._written.items()):
-            concepts.append(ConceptKV(torch.stack(list(rows.values())), self.sources[index].kv))
-        return concepts
+        return [ConceptKV(torch.stack(list(rows.values())), self.sources[i].kv) for i, rows in sorted(self._written.items())]
+
+    def global_kv(self) -> list[tuple[Key, LowRank]]:
+        """The LoRAs the WebUI applies to the whole UNet for concepts in the "full" scope."""
+        return [item for source in self.sources if source is not None for item in source.global_kv.items()]
 
     def warn(self, message: str) -> None:
         """Keep a message for the host to show (hosts drain ``warnings``)."""

@@ -102,7 +102,7 @@ class KVInjector:
         self,
         unet: torch.nn.Module,
         concepts: Sequence[ConceptKV],
-        global_lora: Mapping[Key, LowRank] | None = None,
+        global_lora: Sequence[tuple[Key, LowRank]] = (),
         is_current: Callable[[], bool] = lambda: True,
     ):
         modules = attn2_modules(unet)
@@ -122,7 +122,7 @@ class KVInjector:
                         layer.set_rows.append((ids, F.linear(concept.rows.to(projection.weight), projection.weight)))
                     else:
                         layer.add_rows.append((ids, projection.delta(concept.rows.float())))
-            for key, projection in (global_lora or {}).items():
+            for key, projection in global_lora:
                 self._layers.setdefault(key, _Layer()).remove.append(projection)
         self._last: tuple[tuple, torch.Tensor] | None = None
         self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self._layers if key in modules]

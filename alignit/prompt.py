@@ -99,3 +99,9 @@ def split_marked(text: str) -> list[tuple[str, int | None]]:
     if cursor < len(text) or not pieces:
         pieces.append((strip_markers(text[cursor:]), None))
     return pieces
+
+
+def set_lora_tag(prompt: str, name: str, tag: str | None) -> str:
+    """Remove every ``<lora:NAME…>`` tag of ``name`` from a prompt; append ``tag`` when given."""
+    stripped = re.sub(rf"<lora:{re.escape(name)}(?::[^>]*)?>", "", prompt)
+    return stripped if tag is None else f"{stripped} {tag}"

@@ -85,7 +85,7 @@ def main() -> None:
     database = sd_hijack.EmbeddingDatabase()
     sd_hijack.model_hijack.embedding_db = database
     database.register_embedding(sd_hijack.Embedding(torch.randn(4, 768) * 0.02, "sks"), clip.tokenize(["sks"])[0])
-    args = [True, 0.0, 1.0, "*", "<sks>", "cat", "sks", 1.0]
+    args = [True, 0.0, 1.0, "*", "kv", "<sks>", "cat", "sks", 1.0]
     spent = timed_hooks()
 
     per_step: dict[str, list[float]] = {"off": [], "on": []}

@@ -6,19 +6,15 @@ import os
 import sys
 
 import gradio as gr
-from modules import script_callbacks, scripts, sd_hijack
+from modules import script_callbacks, scripts, shared
 from modules.infotext_utils import PasteField
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignit import args as alignit_args  # noqa: E402
-from alignit.hosts import a1111  # noqa: E402
+from alignit.hosts import a1111, a1111_sources  # noqa: E402
 
 TITLE = "AlignIT"
-
-
-def _embedding_names() -> list[str]:
-    return [""] + sorted(sd_hijack.model_hijack.embedding_db.word_embeddings, key=str.lower)
 
 
 class AlignITScript(scripts.Script):
@@ -47,8 +43,8 @@ class AlignITScript(scripts.Script):
                     rows.append(gr.Textbox(label="Class word", placeholder="cat", elem_id=f"alignit_{tab}_class_{i}"))
                     rows.append(
                         gr.Dropdown(
-                            label="Embedding (empty: the trigger's own name)",
-                            choices=_embedding_names(),
+                            label="Source: embedding, lora:NAME[:WEIGHT] or cd:NAME (empty: the trigger's name)",
+                            choices=a1111_sources.source_choices(),
                             value="",
                             allow_custom_value=True,
                             elem_id=f"alignit_{tab}_source_{i}",
@@ -63,11 +59,17 @@ class AlignITScript(scripts.Script):
                 )
                 step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step (fraction)", elem_id=f"alignit_{tab}_end")
                 placeholder = gr.Textbox("*", label="Placeholder word", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
-                refresh = gr.Button("Refresh embeddings", elem_id=f"alignit_{tab}_refresh")
+                lora_scope = gr.Radio(
+                    choices=["kv", "full"],
+                    value="kv",
+                    label="LoRA scope (kv: on the concept's keys/values only; full: on the whole UNet)",
+                    elem_id=f"alignit_{tab}_lora_scope",
+                )
+                refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
-        refresh.click(lambda: [gr.update(choices=_embedding_names()) for _ in sources], inputs=[], outputs=sources)
+        refresh.click(lambda: [gr.update(choices=a1111_sources.source_choices()) for _ in sources], inputs=[], outputs=sources)
 
-        components = [enabled, step_start, step_end, placeholder, *rows]
+        components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
 
         def pasted(index: int):
             return lambda params: alignit_args.from_infotext(params)[index]
@@ -79,11 +81,25 @@ class AlignITScript(scripts.Script):
     def process(self, p, *args) -> None:
         a1111.process(p, args)
 
+    def before_process_batch(self, p, *args, **kwargs) -> None:
+        a1111.set_lora_tags(p)
+
     def process_batch(self, p, *args, **kwargs) -> None:
         a1111.prepare_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
         a1111.before_sampling(p, kwargs.get("c"))
+
+    def postprocess_batch(self, p, *args, **kwargs) -> None:
+        a1111.finish_batch(p)
+
+
+def on_ui_settings() -> None:
+    section = ("alignit", "AlignIT")
+    shared.opts.add_option(
+        a1111_sources.CD_DIR_OPTION,
+        shared.OptionInfo("", "Custom Diffusion deltas folder (empty: models/CustomDiffusion)", section=section),
+    )
 
 
 def _override(key: str, kind: type):
@@ -122,3 +138,4 @@ def add_axis_options() -> bool:
 # At import, so the axes also exist with --nowebui, where the API is built before on_before_ui callbacks run.
 if not add_axis_options():
     script_callbacks.on_before_ui(add_axis_options)
+script_callbacks.on_ui_settings(on_ui_settings)

@@ -13,9 +13,9 @@ from alignit.prompt import rewrite_prompt
 SKS = ["<sks>", "cat", "sks", 1.0]
 
 
-def args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*"):
+def args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*", scope="kv"):
     cells = [cell for row in rows for cell in row]
-    return [enabled, start, end, placeholder, *cells]
+    return [enabled, start, end, placeholder, scope, *cells]
 
 
 @pytest.fixture(autouse=True)

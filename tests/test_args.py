@@ -1,12 +1,12 @@
 import pytest
 
 from alignit import args
-from alignit.concepts import Concept, ConceptError, Options
+from alignit.concepts import Concept, ConceptError, Options, SourceSpec, parse_source
 
 
 def test_positional_ui_order():
     row1, row2, row3 = ["<sks>", "cat", "my-cat", 0.8], ["", "", "", 1.0], ["lisa", "woman", None, None]
-    enabled, options = args.parse_args([True, 0.1, 0.9, "*", *row1, *row2, *row3])
+    enabled, options = args.parse_args([True, 0.1, 0.9, "*", "kv", *row1, *row2, *row3])
     assert enabled
     assert options == Options(0.1, 0.9, "*", (Concept("<sks>", "cat", "my-cat", 0.8), Concept("lisa", "woman", "")))
 
@@ -25,12 +25,13 @@ def test_bad_numbers_are_a_concept_error():
 
 
 def test_infotext_round_trip():
-    options = Options(0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat", 0.7), Concept("lisa", "woman")))
+    options = Options(0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat", 0.7), Concept("lisa", "woman")), "full")
     params = args.to_infotext(options)
     assert params == {
         "AlignIT": '[["<sks>", "cat", "my, cat", 0.7], ["lisa", "woman", ""]]',
         "AlignIT steps": "0.2-0.8",
         "AlignIT placeholder": "~",
+        "AlignIT LoRA scope": "full",
     }
     assert args.parse_args(args.from_infotext(params)) == (True, options)
     assert args.from_infotext({})[0] is False
@@ -56,3 +57,18 @@ def test_overrides_for_xyz():
 def test_concept_validation(concept, message):
     with pytest.raises(ConceptError, match=message):
         concept.validated()
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("", SourceSpec("embedding", "<sks>")),
+        ("my-cat", SourceSpec("embedding", "my-cat")),
+        ("lora:cat_v2", SourceSpec("lora", "cat_v2", 1.0)),
+        ("LoRA:cat_v2:0.6", SourceSpec("lora", "cat_v2", 0.6)),
+        ("lora:odd:name", SourceSpec("lora", "odd:name", 1.0)),
+        ("cd:cat delta", SourceSpec("cd", "cat delta")),
+    ],
+)
+def test_source_specs(source, expected):
+    assert parse_source(Concept("<sks>", "cat", source)) == expected

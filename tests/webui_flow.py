@@ -1,21 +1,27 @@
 """The order in which A1111 v1.10.1 runs a generation, driven against the contract in tests/contract/modules.
 
-Mirrors modules/processing.py: ``process`` (915) → per batch: prompts sliced (943), extra networks parsed (957),
+Mirrors modules/processing.py: ``process`` (915) → per batch: prompts sliced (943), ``before_process_batch`` (952),
+extra networks parsed and activated (957-961; the Lora extension patches the weights in place with a backup),
 ``process_batch`` (964), ``setup_conds`` (966, with ``get_conds_with_caching`` 460-491 and the class-level caches),
 ``process_before_every_sampling`` (1338) and sampling, hires pass: ``calculate_hr_conds`` (1499-1511) then
-``process_before_every_sampling`` again (1446). The sampler asks ``reconstruct_multicond_batch`` for the
-conditioning of every step (sd_samplers_cfg_denoiser.py:168)."""
+``process_before_every_sampling`` again (1446), then ``postprocess_batch`` (1017). The sampler asks
+``reconstruct_multicond_batch`` for the conditioning of every step (sd_samplers_cfg_denoiser.py:168)."""
 
 from __future__ import annotations
 
-import re
+import contextlib
+import itertools
+from types import SimpleNamespace
 
+import networks
 import torch
-from modules import prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract: tests/contract is on sys.path
+from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract (tests/contract)
 
 from alignit.hosts import a1111
+from alignit.kv import attn2_modules
+from alignit.sources.lora import load_lora
 
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+_jobs = itertools.count(1)
 
 
 class FakeModel:
@@ -24,6 +30,7 @@ class FakeModel:
     def __init__(self, text_model, tokenizer, unet=None):
         self.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(text_model, tokenizer, sd_hijack.model_hijack)
         self.unet = unet
+        self.model = SimpleNamespace(diffusion_model=unet)
 
     def get_learned_conditioning(self, texts):
         with torch.no_grad():
@@ -51,6 +58,9 @@ class Processing:
         self.extra_generation_params: dict[str, str] = {}
         self.is_hr_pass = False
         self.sampled: list[list[torch.Tensor]] = []
+        self.extra_network_data: dict = {}
+        self.hr_extra_network_data: dict = {}
+        self.fail_at_step: int | None = None
 
     def comment(self, text):
         self.comments[text] = 1
@@ -81,6 +91,8 @@ class Processing:
         """The conditioning each step hands to the UNet (and the UNet's output when there is one)."""
         outputs = []
         for step in range(steps):
+            if step == self.fail_at_step:
+                raise RuntimeError("sampling failed")
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
             outputs.append(cond)
             unet = shared.sd_model.unet
@@ -92,30 +104,57 @@ class Processing:
         self.sampled.append(outputs)
 
 
-def strip_extra_networks(prompts):
-    return [_EXTRA_NETWORK.sub("", prompt) for prompt in prompts]
+@contextlib.contextmanager
+def loras_applied(data: dict):
+    """The Lora extension's effect on the UNet: ``W += unet_multiplier · ΔW`` in place, restored afterwards."""
+    modules = attn2_modules(shared.sd_model.unet) if shared.sd_model.unet is not None else {}
+    backup = {}
+    with torch.no_grad():
+        for params in data.get("lora", []):
+            name, *multipliers = params.items
+            te = float(multipliers[0]) if multipliers else 1.0
+            unet = float(multipliers[1]) if len(multipliers) > 1 else te
+            for key, low_rank in load_lora(networks.available_network_aliases[name].filename).kv.items():
+                weight = modules[key].weight
+                backup.setdefault(key, weight.clone())
+                weight += unet * low_rank.scale * (low_rank.up @ low_rank.down)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, weight in backup.items():
+                modules[key].weight.copy_(weight)
 
 
 def generate(p: Processing, script_args=None) -> Processing:
     """One txt2img run; ``script_args`` None means the extension is not installed at all."""
-    if script_args is not None:
+    shared.state.job_timestamp = str(next(_jobs))
+    hooks = script_args is not None
+    if hooks:
         a1111.process(p, script_args)
     for n in range(0, len(p.all_prompts), p.batch_size):
-        p.prompts = strip_extra_networks(p.all_prompts[n : n + p.batch_size])
+        p.prompts = p.all_prompts[n : n + p.batch_size]
         p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
+        if hooks:
+            a1111.set_lora_tags(p)
+        p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
         if p.enable_hr:
-            p.hr_prompts = strip_extra_networks(p.all_hr_prompts[n : n + p.batch_size])
-        if script_args is not None:
-            a1111.prepare_batch(p)
-        p.setup_conds()
-        if script_args is not None:
-            a1111.before_sampling(p, p.c)
-        p.sample(p.c, p.steps)
+            p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[n : n + p.batch_size])
+        with loras_applied(p.extra_network_data):
+            if hooks:
+                a1111.prepare_batch(p)
+            p.setup_conds()
+            if hooks:
+                a1111.before_sampling(p, p.c)
+            p.sample(p.c, p.steps)
         if p.enable_hr:
-            p.is_hr_pass = True
-            p.calculate_hr_conds()
-            if script_args is not None:
-                a1111.before_sampling(p, p.hr_c)
-            p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
-            p.is_hr_pass = False
+            with loras_applied(p.hr_extra_network_data):
+                p.is_hr_pass = True
+                p.calculate_hr_conds()
+                if hooks:
+                    a1111.before_sampling(p, p.hr_c)
+                p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
+                p.is_hr_pass = False
+        if hooks:
+            a1111.finish_batch(p)
     return p

@@ -1,13 +1,17 @@
-"""The AUTOMATIC1111 WebUI host (v1.10): its text encoder, embedding database, prompt functions and conditioning.
+"""The AUTOMATIC1111 WebUI host (v1.10): its text encoder, prompt functions, conditioning and UNet.
 
 One generation, seen from the script's hooks:
-- ``process``: resolve the concepts; give ``p`` its own cond caches so no spliced conditioning reaches the
-  WebUI's shared cache (``StableDiffusionProcessing.cached_c``).
+- ``process``: retire K/V hooks an earlier, failed generation may have left; resolve the concepts; give ``p`` its
+  own cond caches so no spliced conditioning reaches the WebUI's shared cache (``StableDiffusionProcessing.cached_c``).
+- ``before_process_batch`` (before extra networks are parsed): a concept's LoRA is kept off the UNet ("kv" scope) or
+  applied to the UNet only ("full" scope: ``<lora:NAME:0:WEIGHT>``), whatever tags the prompt has.
 - ``process_batch`` (after extra networks are parsed, before ``setup_conds``): rewrite ``p.prompts`` and
   ``p.hr_prompts`` to class words, and do all per-prompt work (layout, check, encoding of p'). A prompt that fails
   keeps its original text, so the WebUI renders it as it would without AlignIT.
 - ``process_before_every_sampling``: splice the prepared rows into the conditioning the sampler is about to use
-  (first pass and hires pass). Nothing runs per step, and nothing stays installed.
+  (first pass and hires pass). Text-side concepts need nothing per step; weight-side concepts (LoRA, Custom
+  Diffusion) get forward hooks on ``attn2.to_k``/``to_v`` for the pass.
+- ``postprocess_batch``: the hooks come off. Hooks left by an error retire themselves: they check the job.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from modules import devices, prompt_parser, sd_hijack, sd_samplers, shared
+from modules import devices, extra_networks, prompt_parser, sd_samplers, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
 from .. import args as alignit_args
-from ..concepts import Concept, ConceptError, Options
+from ..concepts import Concept, ConceptError, Options, parse_source
 from ..engine import ConceptSource, LayoutMismatch, Splicer
+from ..kv import KVInjector
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
-from ..prompt import rewrite_prompt
+from ..prompt import rewrite_prompt, set_lora_tag
+from . import a1111_sources
 
 log = logging.getLogger("alignit")
 
@@ -48,6 +54,8 @@ class A1111Encoder:
         if shared.opts.use_old_emphasis_implementation:
             raise Unsupported("AlignIT does not work with the setting 'Use old emphasis implementation'")
         self.clip = clip
+        self.text_model = clip.wrapped.transformer
+        self.width = self.text_model.config.hidden_size
         self.id_start = clip.id_start
         self.id_end = clip.id_end
         self.comma_token = clip.comma_token
@@ -80,23 +88,6 @@ class A1111Encoder:
             return self.clip.process_tokens([list(tokens)], [list(multipliers)])[0]
 
 
-def resolve_embedding(concept: Concept) -> ConceptSource:
-    """The WebUI embedding named by a concept (its source, else its trigger with or without angle brackets)."""
-    database = sd_hijack.model_hijack.embedding_db
-    names = [concept.source_name]
-    if not concept.source.strip():
-        names.append(concept.trigger.strip().strip("<>"))
-    for name in names:
-        embedding = database.word_embeddings.get(name) or next(
-            (e for key, e in database.word_embeddings.items() if key.lower() == name.lower()), None
-        )
-        if embedding is not None:
-            return ConceptSource.embedding(embedding.name, int(embedding.vectors), embedding)
-        if name in database.skipped_embeddings:
-            raise ConceptError(f"concept '{concept.trigger}': embedding '{name}' was made for another model family")
-    raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")
-
-
 def _total_steps(sampler_name: str | None, steps: int) -> int:
     config = sd_samplers.find_sampler_config(sampler_name)
     return config.total_steps(steps) if config else steps
@@ -126,6 +117,25 @@ class Generation:
     splicer: Splicer
     first: PassPlan | None = None
     hires: PassPlan | None = None
+    injector: KVInjector | None = None
+
+    def lora_tags(self) -> dict[str, str | None]:
+        """LoRA name → the tag the prompt must carry for it (None: no tag), for every concept bound to a LoRA."""
+        tags: dict[str, str | None] = {}
+        for concept, source in zip(self.options.concepts, self.splicer.sources):
+            if source is not None and source.name.startswith("lora:"):
+                spec = parse_source(concept)
+                tags[spec.name] = f"<lora:{spec.name}:0:{spec.weight:g}>" if self.options.lora_scope == "full" else None
+        return tags
+
+
+_live_injectors: list[KVInjector] = []
+
+
+def retire_hooks() -> None:
+    """Remove every K/V hook AlignIT installed (normally none is left between generations)."""
+    while _live_injectors:
+        _live_injectors.pop().remove()
 
 
 def _message(p: Any, text: str) -> None:
@@ -148,14 +158,18 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
     except (ConceptError, Unsupported) as error:
         _message(p, f"{error}; generating without AlignIT")
         return None
+    unet = shared.sd_model.model.diffusion_model
     sources: list[ConceptSource | None] = []
     concepts: list[Concept] = []
     for concept in options.concepts:
         try:
             concept = concept.validated()
-            sources.append(resolve_embedding(concept))
+            source = a1111_sources.resolve(concept, encoder, unet, options.lora_scope)
+            if source.weight_side:
+                _check_unet_reachable()
+            sources.append(source)
             concepts.append(concept)
-        except ConceptError as error:
+        except (ConceptError, Unsupported) as error:
             _message(p, f"{error}; this concept is left to the WebUI")
     if not concepts:
         if options.concepts:
@@ -175,8 +189,18 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
     return generation
 
 
+def _check_unet_reachable() -> None:
+    """Weight-side concepts need the UNet's own cross-attention modules and the conditioning's own rows."""
+    if getattr(shared, "loaded_hypernetworks", None):
+        raise Unsupported("a hypernetwork is active: it rewrites the conditioning before to_k/to_v, where AlignIT works")
+    current_unet = getattr(getattr(shared, "sd_unet", None), "current_unet", None)
+    if current_unet is not None:
+        raise Unsupported(f"the UNet is replaced by {type(current_unet).__name__}, which bypasses its cross-attention modules")
+
+
 def process(p: Any, script_args: Sequence[Any]) -> Generation | None:
     """``process`` hook: read the script's arguments and X/Y/Z overrides, start AlignIT, write its infotext."""
+    retire_hooks()
     setattr(p, STATE_ATTRIBUTE, None)
     try:
         enabled, options = alignit_args.parse_args(script_args)
@@ -217,11 +241,33 @@ def _plan_prompts(
     return out, plan
 
 
+def set_lora_tags(p: Any) -> None:
+    """``before_process_batch`` hook: the concepts' LoRA tags as their scope wants them, in the batch's prompts."""
+    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
+    if generation is None:
+        return
+    for name, tag in generation.lora_tags().items():
+        p.prompts = [set_lora_tag(prompt, name, tag) for prompt in p.prompts]
+
+
+def _set_hires_lora_tags(p: Any, generation: Generation) -> None:
+    """The hires prompts' extra networks are parsed with the first pass's: edit their parsed form."""
+    data = getattr(p, "hr_extra_network_data", None)
+    tags = generation.lora_tags()
+    if data is None or not tags:
+        return
+    kept = [params for params in data.get("lora", []) if not params.items or params.items[0] not in tags]
+    for tag in filter(None, tags.values()):
+        kept.append(extra_networks.ExtraNetworkParams(items=tag[len("<lora:") : -1].split(":")))
+    data["lora"] = kept
+
+
 def prepare_batch(p: Any) -> None:
     """``process_batch`` hook: rewrite the batch's prompts to class words and prepare every p'."""
     generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
     if generation is None:
         return
+    _set_hires_lora_tags(p, generation)
     steps = _total_steps(p.sampler_name, p.steps)
     with torch.no_grad():
         p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None)
@@ -276,3 +322,24 @@ def before_sampling(p: Any, c: Any) -> None:
             splice_conditioning(c, plan, generation.splicer)
     except LayoutMismatch as error:
         _message(p, f"{error}; the class word is used without the concept")
+        return
+    concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()
+    if concepts or global_kv:
+        retire_hooks()
+        job = shared.state.job_timestamp
+        generation.injector = KVInjector(
+            shared.sd_model.model.diffusion_model, concepts, global_kv, is_current=lambda: shared.state.job_timestamp == job
+        )
+        _live_injectors.append(generation.injector)
+
+
+def finish_batch(p: Any) -> None:
+    """``postprocess_batch`` hook: take the K/V hooks off; say so if they never found a concept row."""
+    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
+    if generation is None or generation.injector is None:
+        return
+    unmatched = generation.injector.unmatched_layers()
+    retire_hooks()
+    generation.injector = None
+    if unmatched:
+        _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")

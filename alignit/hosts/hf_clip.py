@@ -58,6 +58,8 @@ class HFClipEncoder:
         if emphasis not in EMPHASIS_MODES:
             raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}")
         self.model = model
+        self.text_model = model
+        self.width = model.config.hidden_size
         self.tokenizer = tokenizer
         self.clip_skip = clip_skip
         self.emphasis = emphasis

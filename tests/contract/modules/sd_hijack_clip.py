@@ -6,6 +6,7 @@ The contract encodes with AlignIT's reference encoder, which follows the same ru
 tests/test_a1111_integration.py."""
 
 from collections import namedtuple
+from types import SimpleNamespace
 
 import torch
 
@@ -28,6 +29,7 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
     def __init__(self, model, tokenizer, hijack):
         super().__init__()
         self.hijack = hijack
+        self.wrapped = SimpleNamespace(transformer=model, tokenizer=tokenizer)
         self.reference = HFClipEncoder(model, tokenizer)
         self.id_start = self.reference.id_start
         self.id_end = self.reference.id_end

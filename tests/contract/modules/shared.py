@@ -10,3 +10,6 @@ opts = SimpleNamespace(
     CLIP_stop_at_last_layers=1,
 )
 sd_model = None
+state = SimpleNamespace(job_timestamp="0")  # shared_state.State.job_timestamp, new for every job
+loaded_hypernetworks = []  # shared.loaded_hypernetworks
+sd_unet = SimpleNamespace(current_unet=None)  # modules/sd_unet.py: a replacement UNet (TensorRT) when set
