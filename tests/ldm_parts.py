@@ -31,3 +31,13 @@ def small_unet(context_dim: int = 32) -> UNetModel:
 def sd15_unet() -> UNetModel:
     """SD1.5's UNet (configs/v1-inference.yaml ``unet_config``): 16 cross-attention layers."""
     return unet(768, 320, [1, 2, 4, 4], [4, 2, 1], num_res_blocks=2, num_heads=8)
+
+
+def tiny_sd15_unet(context_dim: int = 32) -> UNetModel:
+    """SD1.5's block layout (16 cross-attention layers with SD1.5's names) at 32 channels."""
+    return unet(context_dim, 32, [1, 2, 4, 4], [4, 2, 1], num_res_blocks=2, num_head_channels=16)
+
+
+def weights_digest(module: torch.nn.Module) -> dict[str, bytes]:
+    """Every parameter and buffer's bytes, to show a model is bit-identical before and after."""
+    return {name: tensor.detach().cpu().numpy().tobytes() for name, tensor in module.state_dict().items()}
