@@ -16,6 +16,16 @@ from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
 from .splice import dummy_chunk, splice_chunk
 
+Cond = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _rows(cond: Cond) -> torch.Tensor:
+    return cond["crossattn"] if isinstance(cond, Mapping) else cond
+
+
+def _with_rows(cond: Cond, rows: torch.Tensor) -> Cond:
+    return {**cond, "crossattn": rows} if isinstance(cond, Mapping) else rows
+
 
 class LayoutMismatch(RuntimeError):
     """AlignIT's layout of a prompt differs from the host's own: the prompt is left as the host encoded it."""
@@ -162,13 +172,17 @@ class Splicer:
                 )
         return out
 
-    def align_schedule(
-        self, schedule: Sequence[tuple[int, torch.Tensor]], marked: Sequence[tuple[int, str]]
-    ) -> list[tuple[int, torch.Tensor]]:
-        """AlignIT's version of one prompt's schedule ``[(end_at_step, cond)]``, given the marked texts of its entries."""
+    def align_schedule(self, schedule: Sequence[tuple[int, Cond]], marked: Sequence[tuple[int, str]]) -> list[tuple[int, Cond]]:
+        """AlignIT's version of one prompt's schedule ``[(end_at_step, cond)]``, given the marked texts of its entries.
+
+        A cond is the rows, or a dict whose ``crossattn`` holds them (SDXL; its pooled ``vector`` stays the base's).
+        """
         if [end for end, _ in schedule] != [end for end, _ in marked]:
             raise LayoutMismatch("the prompt's schedule differs from the one AlignIT planned")
-        aligned = [self.splice(text, cond) if MARK_OPEN in text else cond for (_, cond), (_, text) in zip(schedule, marked)]
+        aligned = [
+            _with_rows(cond, self.splice(text, _rows(cond))) if MARK_OPEN in text else cond
+            for (_, cond), (_, text) in zip(schedule, marked)
+        ]
         return refine_schedule(schedule, aligned, self.options.step_start, self.options.step_end)
 
     def kv_concepts(self) -> list[ConceptKV]:

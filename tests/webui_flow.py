@@ -37,6 +37,31 @@ class FakeModel:
             return self.cond_stage_model(texts)
 
 
+class FakeSDXLModel:
+    """``shared.sd_model`` of an SDXL checkpoint: ``cond_stage_model`` is the conditioner with the two text embedders;
+    ``get_learned_conditioning`` (sd_models_xl.py:12) returns ``crossattn`` (CLIP-L ‖ OpenCLIP-G rows) and the
+    pooled ``vector`` (here OpenCLIP-G's EOS row of the first chunk and the size embeddings' zeros)."""
+
+    def __init__(self, model_l, model_g, tokenizer, unet=None):
+        hijack = sd_hijack.model_hijack
+        self.cond_stage_model = SimpleNamespace(
+            embedders=[
+                sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_l, tokenizer, hijack, "clip_l"),
+                sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_g, tokenizer, hijack, "clip_g"),
+                SimpleNamespace(),  # the size and crop embedders
+            ]
+        )
+        self.unet = unet
+        self.model = SimpleNamespace(diffusion_model=unet)
+
+    def get_learned_conditioning(self, texts):
+        clip_l, clip_g = self.cond_stage_model.embedders[:2]
+        with torch.no_grad():
+            rows_l, rows_g = clip_l(texts), clip_g(texts)
+        vector = torch.cat([rows_g[:, 76], torch.zeros(rows_g.shape[0], 8)], dim=-1)
+        return {"crossattn": torch.cat([rows_l, rows_g], dim=-1), "vector": vector}
+
+
 class Processing:
     """The parts of ``StableDiffusionProcessingTxt2Img`` a generation touches."""
 
@@ -95,12 +120,13 @@ class Processing:
                 raise RuntimeError("sampling failed")
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
             outputs.append(cond)
+            context = cond["crossattn"] if isinstance(cond, dict) else cond
             unet = shared.sd_model.unet
             if unet is not None:
                 generator = torch.Generator().manual_seed(step)
-                x = torch.randn(cond.shape[0], 4, 8, 8, generator=generator)
+                x = torch.randn(context.shape[0], 4, 8, 8, generator=generator)
                 with torch.no_grad():
-                    outputs.append(unet(x, torch.full((cond.shape[0],), 500), context=cond))
+                    outputs.append(unet(x, torch.full((context.shape[0],), 500), context=context))
         self.sampled.append(outputs)
 
 

@@ -19,73 +19,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from modules import devices, extra_networks, prompt_parser, sd_samplers, shared
-from modules.sd_hijack_clip import PromptChunkFix
+from modules import extra_networks, prompt_parser, sd_samplers, shared
 
 from .. import args as alignit_args
 from ..concepts import Concept, ConceptError, Options, parse_source
 from ..engine import ConceptSource, LayoutMismatch, Splicer
 from ..kv import KVInjector
-from ..layout import Chunk, EmbeddingMatch, LayoutOptions
 from ..prompt import rewrite_prompt, set_lora_tag
 from . import a1111_sources
+from .a1111_encoder import A1111Encoder, Unsupported
 
 log = logging.getLogger("alignit")
 
 STATE_ATTRIBUTE = "alignit_state"
 WARNING_KEY = "AlignIT warning"
 OVERRIDES_ATTRIBUTE = "alignit_overrides"
-
-
-class Unsupported(RuntimeError):
-    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
-
-
-class A1111Encoder:
-    """The WebUI's own text encoder (``sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords``) as AlignIT sees it."""
-
-    def __init__(self, clip: Any):
-        if not hasattr(clip, "tokenize_line") or not hasattr(clip, "process_tokens"):
-            raise Unsupported("this model's text encoder is not supported yet (AlignIT handles SD1.x and SD2.x in A1111)")
-        if shared.opts.use_old_emphasis_implementation:
-            raise Unsupported("AlignIT does not work with the setting 'Use old emphasis implementation'")
-        self.clip = clip
-        self.text_model = clip.wrapped.transformer
-        self.width = self.text_model.config.hidden_size
-        self.id_start = clip.id_start
-        self.id_end = clip.id_end
-        self.comma_token = clip.comma_token
-        self.layout_options = LayoutOptions(
-            parse_emphasis=shared.opts.emphasis != "None",
-            comma_backtrack=shared.opts.comma_padding_backtrack,
-        )
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.clip.tokenize(list(texts))
-
-    def find_embedding(self, tokens: Sequence[int], position: int) -> EmbeddingMatch | None:
-        embedding, length = self.clip.hijack.embedding_db.find_embedding_at_position(tokens, position)
-        return None if embedding is None else EmbeddingMatch(int(embedding.vectors), length, embedding)
-
-    def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
-        own, _ = self.clip.tokenize_line(plain_text)
-        theirs = [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own]
-        ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
-        if theirs != ours:
-            raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
-
-    def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
-        """What ``sd_hijack.EmbeddingsWithFixes`` reads from an embedding: ``vec`` (and ``vectors``)."""
-        return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
-
-    def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
-        self.clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
-        with devices.autocast():
-            return self.clip.process_tokens([list(tokens)], [list(multipliers)])[0]
 
 
 def _total_steps(sampler_name: str | None, steps: int) -> int:
@@ -164,7 +115,7 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
     for concept in options.concepts:
         try:
             concept = concept.validated()
-            source = a1111_sources.resolve(concept, encoder, unet, options.lora_scope)
+            source = a1111_sources.resolve(concept, encoder, unet, options.lora_scope, lambda text: _message(p, text))
             if source.weight_side:
                 _check_unet_reachable()
             sources.append(source)

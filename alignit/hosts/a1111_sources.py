@@ -8,6 +8,7 @@ read by ``alignit.sources.lora``, which keeps the factors low-rank), Custom Diff
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def resolve_embedding(concept: Concept) -> ConceptSource:
     raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")
 
 
-def resolve(concept: Concept, encoder: Any, unet: Any, lora_scope: str) -> ConceptSource:
-    """The concept's source, checked against the loaded model; ConceptError says what is wrong."""
+def resolve(concept: Concept, encoder: Any, unet: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:
+    """The concept's source, checked against the loaded model; ConceptError says what is wrong, ``warn`` what is
+    left out."""
     spec = parse_source(concept)
     if spec.kind == "embedding":
         return resolve_embedding(concept)
@@ -94,6 +96,8 @@ def resolve(concept: Concept, encoder: Any, unet: Any, lora_scope: str) -> Conce
         kv = {key: projection.times(spec.weight) for key, projection in factors.kv.items()}
         check_fits(f"LoRA '{spec.name}'", kv, modules)
         text = {key: projection.times(spec.weight) for key, projection in factors.text.items()}
+        if factors.text_2:
+            warn(f"LoRA '{spec.name}': its OpenCLIP-G text-encoder part is not applied to the concept (CLIP-L's is)")
         tokens, fixes = concept_tokens(encoder, concept.trigger, {})
         return ConceptSource(
             f"lora:{spec.name}",

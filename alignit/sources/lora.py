@@ -19,16 +19,19 @@ _PART = re.compile(
     r"\.weight$|^(?P<abase>.+?)\.alpha$"
 )
 _TEXT = re.compile(r"^(lora_te1?_|text_encoder\.|te\.)")
+_TEXT_2 = re.compile(r"^(lora_te2_|text_encoder_2\.)")
 _UNET = re.compile(r"^(lora_unet_|unet\.|model\.diffusion_model\.)|(down|up|mid)_blocks?|(input|output|middle)_block")
 
 
 @dataclass
 class LoraFactors:
-    """A LoRA's low-rank factors at multiplier 1: cross-attention K/V, text encoder, and how many other UNet modules."""
+    """A LoRA's low-rank factors at multiplier 1: cross-attention K/V, text encoder (SDXL: CLIP-L), SDXL's second
+    text encoder (OpenCLIP-G), and how many other UNet modules."""
 
     name: str
     kv: dict[tuple[str, str], LowRank] = field(default_factory=dict)
     text: dict[str, LowRank] = field(default_factory=dict)
+    text_2: dict[str, LowRank] = field(default_factory=dict)
     other_unet_modules: int = 0
 
 
@@ -53,11 +56,13 @@ def parse_lora(name: str, tensors: Mapping[str, torch.Tensor]) -> LoraFactors:
         projection = attn2_projection(base)
         if projection is not None:
             factors.kv[projection] = low_rank
+        elif _TEXT_2.search(base):
+            factors.text_2[text_module(base)] = low_rank
         elif _TEXT.search(base):
             factors.text[text_module(base)] = low_rank
         elif _UNET.search(base):
             factors.other_unet_modules += 1
-    if not (factors.kv or factors.text or factors.other_unet_modules):
+    if not (factors.kv or factors.text or factors.text_2 or factors.other_unet_modules):
         raise ConceptError(f"LoRA '{name}' holds no LoRA factors this extension can read")
     return factors
 

@@ -41,5 +41,5 @@ def attn2_projection(key: str) -> tuple[str, str] | None:
 
 def text_module(key: str) -> str:
     """Normalized text-encoder module name of a file key's module part (``lora_te_text_model_encoder_…`` etc.)."""
-    name = re.sub(r"^(lora_te1?_|text_encoder\.|te\.)", "", key).replace(".", "_")
+    name = re.sub(r"^(lora_te[12]?_|text_encoder(_2)?\.|te\.)", "", key).replace(".", "_")
     return re.sub(r"^text_model_", "", name)

@@ -57,7 +57,10 @@ def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_sc
         if prompt not in cache:
             texts = SdConditioning([text for _, text in schedule], copy_from=prompts)
             conds = model.get_learned_conditioning(texts)
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+            cache[prompt] = [
+                ScheduledPromptConditioning(end, {k: v[i] for k, v in conds.items()} if isinstance(conds, dict) else conds[i])
+                for i, (end, _) in enumerate(schedule)
+            ]
         res.append(cache[prompt])
     return res
 
@@ -106,6 +109,14 @@ def reconstruct_multicond_batch(c, current_step):
             entries.append((len(tensors), part.weight))
             tensors.append(part.schedules[target].cond)
         conds_list.append(entries)
+    if isinstance(tensors[0], dict):
+        return conds_list, {key: _stack([t[key] for t in tensors]) for key in tensors[0]}
+    return conds_list, _stack(tensors)
+
+
+def _stack(tensors):
+    """stack_conds (l.307): shorter conds repeat their last row."""
+    if tensors[0].dim() == 1:
+        return torch.stack(tensors)
     length = max(t.shape[0] for t in tensors)
-    padded = [torch.vstack([t, t[-1:].repeat(length - t.shape[0], 1)]) for t in tensors]
-    return conds_list, torch.stack(padded)
+    return torch.stack([torch.vstack([t, t[-1:].repeat(length - t.shape[0], 1)]) for t in tensors])

@@ -11,8 +11,9 @@ class Embedding:
     def __init__(self, vec, name):
         self.vec = vec
         self.name = name
-        self.vectors = vec.shape[0]
-        self.shape = vec.shape[-1]
+        first = next(iter(vec.values())) if isinstance(vec, dict) else vec
+        self.vectors = first.shape[0]
+        self.shape = first.shape[-1]
 
 
 class EmbeddingDatabase:

@@ -1,6 +1,8 @@
 """modules/sd_hijack_clip.py: ``PromptChunkFix`` (l.24), ``FrozenCLIPEmbedderWithCustomWords`` with ``tokenize``
 (l.339), ``tokenize_line(line) -> (chunks, token_count)`` (l.81), ``process_tokens(tokens, multipliers)`` (l.253,
-reads ``hijack.fixes``), ``forward(texts)`` (l.205: chunk i of every text encoded together, then hstack).
+reads ``hijack.fixes``; sd_hijack.py:340 ``EmbeddingsWithFixes`` takes ``vec[textual_inversion_key]`` from SDXL
+embeddings: ``clip_l`` for CLIP-L, ``clip_g`` for OpenCLIP-G), ``forward(texts)`` (l.205: chunk i of every text
+encoded together, then hstack).
 
 The contract encodes with AlignIT's reference encoder, which follows the same rules; a real WebUI is exercised by
 tests/test_a1111_integration.py."""
@@ -26,9 +28,10 @@ class PromptChunk:
 
 
 class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
-    def __init__(self, model, tokenizer, hijack):
+    def __init__(self, model, tokenizer, hijack, textual_inversion_key="clip_l"):
         super().__init__()
         self.hijack = hijack
+        self.textual_inversion_key = textual_inversion_key
         self.wrapped = SimpleNamespace(transformer=model, tokenizer=tokenizer)
         self.reference = HFClipEncoder(model, tokenizer)
         self.id_start = self.reference.id_start
@@ -60,7 +63,11 @@ class FrozenCLIPEmbedderWithCustomWords(torch.nn.Module):
     def process_tokens(self, remade_batch_tokens, batch_multipliers):
         self._sync_options()
         fixes, self.hijack.fixes = self.hijack.fixes or [[]] * len(remade_batch_tokens), None
-        vectors = [[(f.offset, f.embedding.vec) for f in chunk_fixes] for chunk_fixes in fixes]
+        key = self.textual_inversion_key
+        vectors = [
+            [(f.offset, f.embedding.vec[key] if isinstance(f.embedding.vec, dict) else f.embedding.vec) for f in chunk_fixes]
+            for chunk_fixes in fixes
+        ]
         return self.reference.encode_chunks(remade_batch_tokens, batch_multipliers, vectors)
 
     def forward(self, texts):

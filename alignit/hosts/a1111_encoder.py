@@ -1,0 +1,75 @@
+"""A1111's own text encoders as AlignIT sees them: one ``FrozenCLIPEmbedderWithCustomWords`` (SD1.x, SD2.x), or
+SDXL's two (CLIP-L ``clip_l`` and OpenCLIP-G ``clip_g``, rows concatenated to 2048 as ``sd_models_xl`` does)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from modules import devices, shared
+from modules.sd_hijack_clip import PromptChunkFix
+
+from ..concepts import ConceptError
+from ..engine import LayoutMismatch
+from ..layout import Chunk, EmbeddingMatch, LayoutOptions
+
+
+class Unsupported(RuntimeError):
+    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
+
+
+def text_encoders(cond_stage_model: Any) -> list[Any]:
+    """The WebUI's prompt encoders of a model: the model itself, or SDXL's conditioner's text embedders."""
+    candidates = getattr(cond_stage_model, "embedders", None) or [cond_stage_model]
+    encoders = [e for e in candidates if hasattr(e, "tokenize_line") and hasattr(e, "process_tokens")]
+    if not encoders:
+        raise Unsupported(f"this model's text encoder ({type(cond_stage_model).__name__}) is not supported")
+    return encoders
+
+
+class A1111Encoder:
+    """Encodes p' with the WebUI's own text encoder(s); lays prompts out and checks them with their tokenizers."""
+
+    def __init__(self, cond_stage_model: Any):
+        if shared.opts.use_old_emphasis_implementation:
+            raise Unsupported("AlignIT does not work with the setting 'Use old emphasis implementation'")
+        self.clips = text_encoders(cond_stage_model)
+        first = self.clips[0]
+        self.is_sdxl = len(self.clips) > 1
+        self.text_model = first.wrapped.transformer  # CLIP-L's transformers model: where a LoRA's text part goes
+        self.width = self.text_model.config.hidden_size
+        self.id_start, self.id_end, self.comma_token = first.id_start, first.id_end, first.comma_token
+        self.layout_options = LayoutOptions(
+            parse_emphasis=shared.opts.emphasis != "None",
+            comma_backtrack=shared.opts.comma_padding_backtrack,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.clips[0].tokenize(list(texts))
+
+    def find_embedding(self, tokens: Sequence[int], position: int) -> EmbeddingMatch | None:
+        embedding, length = self.clips[0].hijack.embedding_db.find_embedding_at_position(tokens, position)
+        return None if embedding is None else EmbeddingMatch(int(embedding.vectors), length, embedding)
+
+    def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
+        ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
+        for clip in self.clips:
+            own, _ = clip.tokenize_line(plain_text)
+            if [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own] != ours:
+                raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
+
+    def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
+        """What ``sd_hijack.EmbeddingsWithFixes`` reads from an embedding: ``vec`` (and ``vectors``)."""
+        if self.is_sdxl:
+            raise ConceptError(f"'{name}' holds one text encoder's vectors; an SDXL model needs clip_l and clip_g")
+        return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
+
+    def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
+        rows = []
+        with devices.autocast():
+            for clip in self.clips:
+                clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
+                rows.append(clip.process_tokens([list(tokens)], [list(multipliers)])[0])
+        return torch.cat(rows, dim=-1)

@@ -1,0 +1,127 @@
+"""SDXL through the A1111 glue: two text encoders (CLIP-L 32 wide, OpenCLIP-G 48 wide here, real vocabulary),
+rows concatenated as ``crossattn``, the pooled ``vector`` kept; the same exactness as SD1.x, per half."""
+
+from types import SimpleNamespace
+
+import networks
+import pytest
+import torch
+import torch.nn.functional as F
+from clip_parts import clip_text_model
+from ldm_parts import tiny_sd15_unet
+from modules import sd_hijack, shared
+from safetensors.torch import save_file
+from webui_flow import FakeSDXLModel, Processing, generate
+from weight_files import lora_state, random_factors, random_text_factors
+
+from alignit.hosts.hf_clip import HFClipEncoder
+from alignit.kv import attn2_modules
+
+BOS, EOS, STAR = 49406, 49407, 265
+L, G = 32, 48
+
+
+def args(*rows):
+    return [True, 0.0, 1.0, "*", "kv", *[cell for row in rows for cell in row]]
+
+
+@pytest.fixture(scope="module")
+def model_g():
+    return clip_text_model(G, layers=2, heads=4, seed=7)
+
+
+@pytest.fixture
+def sdxl(text_model, model_g, tokenizer, tmp_path, monkeypatch):
+    unet = tiny_sd15_unet(context_dim=L + G)
+    shared.sd_model = FakeSDXLModel(text_model, model_g, tokenizer, unet)
+    database = sd_hijack.EmbeddingDatabase()
+    sd_hijack.model_hijack.embedding_db = database
+    generator = torch.Generator().manual_seed(11)
+    vec = {"clip_l": torch.randn(2, L, generator=generator), "clip_g": torch.randn(2, G, generator=generator)}
+    database.register_embedding(sd_hijack.Embedding(vec, "sks"), tokenizer(["sks"], add_special_tokens=False)["input_ids"][0])
+    database.skipped_embeddings["old"] = sd_hijack.Embedding(torch.randn(1, L), "old")
+    factors = random_factors(unet)
+    state = lora_state(factors, random_text_factors(text_model), "kohya_ldm")
+    state |= {k.replace("lora_te_", "lora_te2_"): v for k, v in lora_state({}, random_text_factors(model_g), "kohya").items()}
+    save_file(state, str(tmp_path / "xl.safetensors"))
+    save_file(lora_state(random_factors(tiny_sd15_unet()), None, "kohya"), str(tmp_path / "sd1.safetensors"))
+    monkeypatch.setattr(
+        networks,
+        "available_network_aliases",
+        {
+            "xl": SimpleNamespace(filename=str(tmp_path / "xl.safetensors")),
+            "sd1": SimpleNamespace(filename=str(tmp_path / "sd1.safetensors")),
+        },
+    )
+    Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
+    return SimpleNamespace(vec=vec, unet=unet, factors=factors, model_l=text_model, model_g=model_g, tokenizer=tokenizer)
+
+
+def dummy(model, tokenizer, before, vectors, after):
+    tokens = [BOS] + [STAR] * before + [0] * len(vectors) + [STAR] * after
+    tokens += [EOS] * (77 - len(tokens))
+    with torch.no_grad():
+        rows = HFClipEncoder(model, tokenizer).encode_chunk(tokens, [1.0] * 77, [(before, vectors)])
+    return rows[before + 1 : before + 1 + len(vectors)]
+
+
+def test_embedding_with_clip_l_and_clip_g(sdxl):
+    p = generate(Processing(["a <sks> playing badminton"], steps=1), args(["<sks>", "cat", "sks", 1.0]))
+    assert p.comments == {}
+    cond = p.sampled[0][0]
+    base = shared.sd_model.get_learned_conditioning(["a cat playing badminton"])
+    rows, base_rows = cond["crossattn"][0], base["crossattn"][0]
+    assert rows.shape == base_rows.shape == (77, L + G)
+    assert torch.equal(rows[:2], base_rows[:2])
+    assert torch.equal(rows[2:4, :L], dummy(sdxl.model_l, sdxl.tokenizer, 1, sdxl.vec["clip_l"], 2))
+    assert torch.equal(rows[2:4, L:], dummy(sdxl.model_g, sdxl.tokenizer, 1, sdxl.vec["clip_g"], 2))
+    assert torch.equal(rows[4:76], base_rows[3:75]) and torch.equal(rows[76], base_rows[76])
+    assert torch.equal(cond["vector"][0], base["vector"][0])  # the pooled vector stays the base model's for p
+
+
+def test_an_sd1_embedding_on_sdxl_is_named_as_such(sdxl):
+    p = generate(Processing(["an <old> on a sofa"], steps=1), args(["<old>", "cat", "", 1.0]))
+    assert "made for another model family" in p.extra_generation_params["AlignIT warning"]
+    assert p.prompts == ["an <old> on a sofa"]
+
+
+def test_sdxl_lora_keys_values_and_text_parts(sdxl, monkeypatch):
+    seen = []
+    import webui_flow
+
+    original = webui_flow.a1111.before_sampling
+
+    def observed(p, c):
+        original(p, c)
+        for key, module in attn2_modules(sdxl.unet).items():
+            module.register_forward_hook(lambda m, i, o, k=key: seen.append((k, i[0][0].clone(), o[0].clone())))
+
+    monkeypatch.setattr(webui_flow.a1111, "before_sampling", observed)
+    try:
+        p = generate(Processing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:xl:0.5", 1.0]))
+    finally:
+        for module in attn2_modules(sdxl.unet).values():
+            module._forward_hooks.clear()
+    assert "OpenCLIP-G text-encoder part is not applied" in p.extra_generation_params["AlignIT warning"]
+    n = len(sdxl.tokenizer(["ohwx"], add_special_tokens=False)["input_ids"][0])
+    for key, context, out in seen:
+        down, up, alpha = sdxl.factors[key]
+        concept = context[4 : 4 + n]
+        want = (
+            F.linear(concept, attn2_modules(sdxl.unet)[key].weight)
+            + F.linear(F.linear(concept, down), up) * float(alpha) / 2 * 0.5
+        )
+        torch.testing.assert_close(out[4 : 4 + n], want, rtol=1e-5, atol=1e-6)
+    ohwx = sdxl.tokenizer(["ohwx"], add_special_tokens=False)["input_ids"][0]
+    tokens = [BOS, STAR, STAR, STAR, *ohwx] + [EOS] * (73 - n)
+    with torch.no_grad():
+        base_l = HFClipEncoder(sdxl.model_l, sdxl.tokenizer).encode_chunk(tokens, [1.0] * 77, [])[4 : 4 + n]
+        base_g = HFClipEncoder(sdxl.model_g, sdxl.tokenizer).encode_chunk(tokens, [1.0] * 77, [])[4 : 4 + n]
+    rows = p.sampled[0][0]["crossattn"][0]
+    assert torch.equal(rows[4 : 4 + n, L:], base_g)  # G half: p' without a text LoRA
+    assert not torch.allclose(rows[4 : 4 + n, :L], base_l)  # L half: p' with the LoRA's text part
+
+
+def test_an_sd1_lora_on_sdxl_is_refused(sdxl):
+    p = generate(Processing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:sd1", 1.0]))
+    assert "made for another model" in p.extra_generation_params["AlignIT warning"]
