@@ -132,11 +132,14 @@ class KVInjector:
         key = (context.data_ptr(), tuple(context.shape), context._version)
         if self._last is None or self._last[0] != key:
             table = self.table.to(device=context.device, dtype=context.dtype)
+            # Candidates by each row's first value, then a full comparison of those few rows only.
             if len(table) == 0:
                 hits = torch.empty(0, 3, dtype=torch.long, device=context.device)
             else:
-                equal = (context.unsqueeze(-2) == table).all(-1)
-                hits = equal.nonzero()
+                hits = (context[..., :1] == table[:, 0]).nonzero()
+            if len(hits):
+                same = (context[hits[:, 0], hits[:, 1]] == table[hits[:, 2]]).all(-1)
+                hits = hits[same]
             self._last = (key, hits)
         return self._last[1]
 

@@ -167,3 +167,17 @@ def test_text_encoder_lora_is_functional(text_model, encoder):
     with pytest.raises(ConceptError, match="does not have"):
         with text_lora(text_model, {"encoder_layers_99_mlp_fc1": factors[next(iter(factors))]}):
             pass
+
+
+def test_a_scope_without_concept_rows_still_takes_the_lora_out(unet, context):
+    """'full' scope while the prompt carries no concept: every row gets its base keys back."""
+    kv = lora(unet)
+    base = projections(unet, context)
+    patched = copy.deepcopy(unet)
+    for key, module in attn2_modules(patched).items():
+        with torch.no_grad():
+            module.weight += kv[key].scale * kv[key].up @ kv[key].down
+    with KVInjector(patched, [], global_lora=list(kv.items())):
+        hooked = projections(patched, context)
+    for key, out in hooked.items():
+        torch.testing.assert_close(out, base[key], rtol=1e-4, atol=1e-5)
