@@ -40,9 +40,12 @@ def _concept(row: Any) -> Concept | None:
 
 
 def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
-    """Read the script's arguments (positional UI order, or a single dict) into (enabled, options)."""
+    """Read the script's arguments (positional UI order, or a dict first) into (enabled, options).
+
+    The API fills the arguments a request leaves out with the UI's defaults, so a dict may be followed by them.
+    """
     try:
-        if len(args) == 1 and isinstance(args[0], Mapping):
+        if args and isinstance(args[0], Mapping):
             values = {key: args[0].get(key, DEFAULTS[key]) for key in SCALARS}
             rows = list(args[0].get("concepts") or [])
         else:

@@ -30,6 +30,15 @@ WEBUI = os.environ.get("ALIGNIT_A1111_DIR")
 pytestmark = pytest.mark.skipif(not WEBUI, reason="ALIGNIT_A1111_DIR is not set")
 
 EMBEDDING = "alignit_test_sks"
+LORA = "alignit_test_lora"
+CD = "alignit_test_cd"
+# SD1.5's cross-attention layers and their widths (configs/v1-inference.yaml: 320 channels, mult 1, 2, 4, 4)
+SD15_ATTN2 = {
+    **{f"input_blocks.{i}.1": w for i, w in [(1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280)]},
+    "middle_block.1": 1280,
+    **{f"output_blocks.{i}.1": w for i, w in [(3, 1280), (4, 1280), (5, 1280), (6, 640), (7, 640), (8, 640)]},
+    **{f"output_blocks.{i}.1": 320 for i in (9, 10, 11)},
+}
 BASE = {"steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 7}
 
 
@@ -54,12 +63,28 @@ def webui(tmp_path_factory):
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(3)) * 0.3}, str(embedding))
+    generator = torch.Generator().manual_seed(3)
+    save_file({"emb_params": torch.randn(2, 768, generator=generator) * 0.3}, str(embedding))
+    lora, delta = folder / "models" / "Lora" / f"{LORA}.safetensors", folder / "models" / "CustomDiffusion" / f"{CD}.bin"
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    delta.parent.mkdir(parents=True, exist_ok=True)
+    lora_tensors, cd_tensors = {}, {}
+    for block, width in SD15_ATTN2.items():
+        for proj in "kv":
+            name = f"lora_unet_{block.replace('.', '_')}_transformer_blocks_0_attn2_to_{proj}"
+            lora_tensors[f"{name}.lora_down.weight"] = torch.randn(4, 768, generator=generator) * 0.2
+            lora_tensors[f"{name}.lora_up.weight"] = torch.randn(width, 4, generator=generator) * 0.2
+            lora_tensors[f"{name}.alpha"] = torch.tensor(4.0)
+            cd_tensors[f"model.diffusion_model.{block}.transformer_blocks.0.attn2.to_{proj}.weight"] = (
+                torch.randn(width, 768, generator=generator) * 0.05
+            )
+    save_file(lora_tensors, str(lora))
+    torch.save({"state_dict": cd_tensors | {"embed": torch.randn(1, 768, generator=generator) * 0.3}}, delta)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(ROOT, target_is_directory=True)
     port = _free_port()
-    log = tmp_path_factory.mktemp("a1111") / "server.log"
+    log = Path(os.environ.get("ALIGNIT_A1111_LOG", tmp_path_factory.mktemp("a1111") / "server.log"))
     command = [
         python,
         "launch.py",
@@ -91,6 +116,7 @@ def webui(tmp_path_factory):
                 time.sleep(3)
         _call(url, "/sdapi/v1/options", {"live_previews_enable": False, "emphasis": "Original"})
         _call(url, "/sdapi/v1/refresh-embeddings", {})
+        _call(url, "/sdapi/v1/refresh-loras", {})
         yield url
     finally:
         server.terminate()
@@ -99,7 +125,8 @@ def webui(tmp_path_factory):
         except subprocess.TimeoutExpired:
             server.kill()
         link.unlink()
-        embedding.unlink()
+        for path in (embedding, lora, delta):
+            path.unlink()
 
 
 def txt2img(url: str, prompt: str, alignit: list | None = None, **extra) -> tuple[bytes, dict]:
@@ -146,6 +173,25 @@ def test_alignit_changes_the_image_and_leaves_no_trace(webui):
 def test_webui_syntax_matches_the_real_parser_and_layout(webui, prompt):
     _, info = txt2img(webui, prompt, on(("<sks>", "cat", EMBEDDING)))
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+    assert 'AlignIT: "[[' in info["infotexts"][0]
+
+
+@pytest.mark.parametrize("scope", ["kv", "full"])
+def test_lora_concept(webui, scope):
+    """No warning also means the K/V hooks met the concept rows in every layer under A1111's own sampler."""
+    before, _ = txt2img(webui, "a photo of a man playing badminton")
+    image, info = txt2img(webui, "a photo of ohwx playing badminton", on(("ohwx", "man", f"lora:{LORA}:0.8"), lora_scope=scope))
+    after, _ = txt2img(webui, "a photo of a man playing badminton")
+    assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+    assert image != before and after == before
+    assert ("Lora hashes" in info["infotexts"][0]) == (scope == "full")
+
+
+def test_custom_diffusion_concept_mixed_with_an_embedding(webui):
+    rows = (("<new1> cat", "cat", f"cd:{CD}"), ("<sks>", "dog", EMBEDDING))
+    _, info = txt2img(webui, "a <new1> cat and a <sks> playing badminton", on(*rows))
+    assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+    assert f"cd:{CD}" in info["infotexts"][0]
 
 
 def test_hires_pass(webui):

