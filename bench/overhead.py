@@ -1,15 +1,17 @@
 """Sampling time with AlignIT on vs off, in one run, on full-size SD1.5 parts, for one kind of concept.
 
 ``--concept ti`` (an embedding: text side only), ``lora`` (rank 16 on every attn2 to_k/to_v and the text encoder's
-q/v, "kv" scope) or ``cd`` (Custom Diffusion: full to_k/to_v weights). The UNet is SD1.5's
-(configs/v1-inference.yaml ``unet_config``) and the text encoder CLIP ViT-L/14's, both with random weights, driven
-through A1111's hook order (tests/webui_flow.py over the contract in tests/contract). Each sampling step runs the
-UNet on cond and uncond together, as A1111 does with ``batch_cond_uncond``.
+q/v, "kv" scope) or ``cd`` (Custom Diffusion: full to_k/to_v weights). ``--model sd15``: SD1.5's UNet
+(configs/v1-inference.yaml ``unet_config``) and CLIP ViT-L/14's text encoder; ``--model sdxl``: an SDXL-shaped UNet
+(tests/ldm_parts.py ``sdxl_shaped_unet``: SDXL's widths, fewer transformer blocks) and CLIP-L with OpenCLIP-bigG's
+text tower. All weights are random; A1111's hook order is driven through tests/webui_flow.py over the contract in
+tests/contract. Each sampling step runs the UNet on cond and uncond together, as A1111 does.
 
-Reports: the median per-step time ratio (on / off), AlignIT's one-time cost per generation (rewriting, layout,
-encoding p', splicing, installing hooks) relative to one UNet step, and the memory AlignIT's hooks hold.
+Reports: the median per-step time ratio (on / off), the time spent inside AlignIT's K/V hooks per step (a direct
+measure of the per-step overhead, free of the run-to-run noise of the ratio), AlignIT's one-time cost per generation
+(rewriting, layout, encoding p', splicing, installing hooks) relative to one UNet step, and the memory its hooks hold.
 
-    .venv/bin/python bench/overhead.py --concept lora [--steps 20] [--latent 32] [--repeats 2]
+    .venv/bin/python bench/overhead.py --concept lora [--model sd15|sdxl] [--steps 20] [--latent 32] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "contract")]
 
 import networks  # noqa: E402
-from clip_parts import clip_tokenizer, clip_vit_l_text_model  # noqa: E402
-from ldm_parts import sd15_unet  # noqa: E402
+from clip_parts import clip_tokenizer, clip_vit_bigg_text_model, clip_vit_l_text_model  # noqa: E402
+from ldm_parts import sd15_unet, sdxl_shaped_unet  # noqa: E402
 from modules import prompt_parser, sd_hijack, shared  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from webui_flow import FakeModel, Processing, generate  # noqa: E402
+from webui_flow import FakeModel, FakeSDXLModel, Processing, generate  # noqa: E402
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors  # noqa: E402
 
+from alignit import kv  # noqa: E402
 from alignit.hosts import a1111  # noqa: E402
 
 PROMPT = "a photo of {trigger} playing badminton in a garden, detailed, sharp focus"
@@ -48,11 +51,11 @@ class TimedProcessing(Processing):
     def sample(self, c, steps):
         unet = shared.sd_model.unet
         times = []
-        uncond = self.uc[0][0].cond
+        uncond = rows(self.uc[0][0].cond)
         for step in range(steps):
             start = time.perf_counter()
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
-            context = torch.cat([cond, uncond[None]])
+            context = torch.cat([rows(cond), uncond[None]])
             generator = torch.Generator().manual_seed(step)
             x = torch.randn(2, 4, self.latent, self.latent, generator=generator)
             with torch.no_grad():
@@ -61,12 +64,18 @@ class TimedProcessing(Processing):
         self.sampled.append(times)
 
 
-def concept(kind: str, unet: torch.nn.Module, text_model: torch.nn.Module, folder: Path) -> tuple[str, list]:
+def rows(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def concept(kind: str, unet: torch.nn.Module, text_model: torch.nn.Module, folder: Path, sdxl: bool) -> tuple[str, list]:
     """The trigger and the concept row for one kind of concept, its files written into ``folder``."""
     if kind == "ti":
-        clip = shared.sd_model.cond_stage_model
-        database = sd_hijack.model_hijack.embedding_db
-        database.register_embedding(sd_hijack.Embedding(torch.randn(4, 768) * 0.02, "sks"), clip.tokenize(["sks"])[0])
+        ids = clip_tokenizer()(["sks"], add_special_tokens=False)["input_ids"][0]
+        vec = (
+            {"clip_l": torch.randn(4, 768) * 0.02, "clip_g": torch.randn(4, 1280) * 0.02} if sdxl else torch.randn(4, 768) * 0.02
+        )
+        sd_hijack.model_hijack.embedding_db.register_embedding(sd_hijack.Embedding(vec, "sks"), ids)
         return "<sks>", ["<sks>", "cat", "sks", 1.0]
     if kind == "lora":
         state = lora_state(random_factors(unet, rank=16), random_text_factors(text_model, rank=16), "kohya")
@@ -88,8 +97,23 @@ def hook_bytes() -> int:
 
 
 def timed_hooks() -> dict[str, float]:
-    """Wrap AlignIT's three hooks to add up the time they take."""
-    spent = {"alignit": 0.0}
+    """Wrap AlignIT's script hooks and its K/V hooks to add up the time they take."""
+    spent = {"alignit": 0.0, "kv": 0.0}
+    make_hook = kv.KVInjector._hook
+
+    def timed_hook(self, key):
+        hook = make_hook(self, key)
+
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return hook(*args)
+            finally:
+                spent["kv"] += time.perf_counter() - start
+
+        return timed
+
+    kv.KVInjector._hook = timed_hook
     for name in ("process", "prepare_batch", "before_sampling"):
         original = getattr(a1111, name)
 
@@ -114,39 +138,51 @@ def timed_hooks() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", choices=("ti", "lora", "cd"), default="ti")
+    parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
     parser.add_argument("--repeats", type=int, default=2)
     options = parser.parse_args()
     TimedProcessing.latent = options.latent
 
+    sdxl = options.model == "sdxl"
+    if sdxl and options.concept == "cd":
+        parser.error("Custom Diffusion modifier tokens are refused on SDXL")
     torch.manual_seed(0)
-    text_model, unet = clip_vit_l_text_model(), sd15_unet()
-    shared.sd_model = FakeModel(text_model, clip_tokenizer(), unet)
+    text_model = clip_vit_l_text_model()
+    if sdxl:
+        unet = sdxl_shaped_unet()
+        shared.sd_model = FakeSDXLModel(text_model, clip_vit_bigg_text_model(), clip_tokenizer(), unet)
+    else:
+        unet = sd15_unet()
+        shared.sd_model = FakeModel(text_model, clip_tokenizer(), unet)
     sd_hijack.model_hijack.embedding_db = sd_hijack.EmbeddingDatabase()
     folder = Path(tempfile.mkdtemp(prefix="alignit-bench-"))
-    trigger, row = concept(options.concept, unet, text_model, folder)
+    trigger, row = concept(options.concept, unet, text_model, folder, sdxl)
     prompt = PROMPT.format(trigger=trigger)
     args = [True, 0.0, 1.0, "*", "kv", *row]
     spent = timed_hooks()
 
     per_step: dict[str, list[float]] = {"off": [], "on": []}
-    one_time = []
+    one_time, kv_time = [], []
     for repeat in range(options.repeats):
         for mode in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
             Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
-            spent["alignit"] = 0.0
+            spent["alignit"] = spent["kv"] = 0.0
             p = generate(TimedProcessing([prompt], steps=options.steps, negative="blurry"), args if mode == "on" else None)
             assert not p.comments, p.comments
             per_step[mode].extend(p.sampled[0][1:])  # the first step of a run warms up
             if mode == "on":
                 one_time.append(spent["alignit"])
+                kv_time.append(spent["kv"] / options.steps)
     off, on = statistics.median(per_step["off"]), statistics.median(per_step["on"])
     cost = statistics.median(one_time)
-    print(f"concept: {options.concept}; SD1.5 UNet and CLIP-L (random weights), latent {options.latent}x{options.latent}")
+    print(f"concept: {options.concept}; model: {options.model} (random weights), latent {options.latent}x{options.latent}")
     print(f"cond+uncond batch, {options.steps} steps")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {options.repeats} runs each, interleaved")
     print(f"median UNet step: off {off:.3f} s, on {on:.3f} s, ratio on/off {on / off:.4f}")
+    hooks = statistics.median(kv_time)
+    print(f"time inside the K/V hooks per step: {hooks * 1000:.2f} ms = {hooks / off:.2%} of a step")
     print(f"AlignIT one-time cost per generation: {cost:.3f} s = {cost / off:.3f} UNet steps")
     print(f"memory held by the K/V hooks: {hook_bytes() / 1024:.1f} KiB")
 

@@ -88,3 +88,8 @@ def small_clip_text_model(hidden: int = 32) -> CLIPTextModel:
 def clip_vit_l_text_model() -> CLIPTextModel:
     """CLIP ViT-L/14's text encoder (SD1.x) from its config: 768 wide, 12 layers, 12 heads."""
     return clip_text_model(768, layers=12, heads=12)
+
+
+def clip_vit_bigg_text_model() -> CLIPTextModel:
+    """OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder) from its sizes: 1280 wide, 32 layers, 20 heads."""
+    return clip_text_model(1280, layers=32, heads=20)

@@ -16,7 +16,7 @@ def unet(context_dim: int, model_channels: int, channel_mult: list[int], attenti
         attention_resolutions=attention_resolutions,
         channel_mult=channel_mult,
         use_spatial_transformer=True,
-        transformer_depth=1,
+        transformer_depth=1,  # SD2's ldm SpatialTransformer runs one context through one block only
         context_dim=context_dim,
         legacy=False,
         **extra,
@@ -41,3 +41,16 @@ def tiny_sd15_unet(context_dim: int = 32) -> UNetModel:
 def weights_digest(module: torch.nn.Module) -> dict[str, bytes]:
     """Every parameter and buffer's bytes, to show a model is bit-identical before and after."""
     return {name: tensor.detach().cpu().numpy().tobytes() for name, tensor in module.state_dict().items()}
+
+
+def tiny_sdxl_unet() -> UNetModel:
+    """SDXL's block layout and 2048-wide context at 32 channels: cross-attention at levels 2 and 3 only (one
+    transformer block each where SDXL has 2 and 10), linear projections."""
+    return unet(2048, 32, [1, 2, 4], [2, 4], num_res_blocks=2, num_head_channels=16, use_linear_in_transformer=True)
+
+
+def sdxl_shaped_unet() -> UNetModel:
+    """SDXL's widths (320 channels, mult 1, 2, 4, cross-attention at levels 2 and 3 only, 2048-wide context) with one
+    transformer block per level where SDXL has 2 and 10: 11 cross-attention layers of SDXL's 70. No pooled-vector
+    input (SDXL's ``label_emb``)."""
+    return unet(2048, 320, [1, 2, 4], [2, 4], num_res_blocks=2, num_head_channels=64)

@@ -1,5 +1,6 @@
-"""SDXL through the A1111 glue: two text encoders (CLIP-L 32 wide, OpenCLIP-G 48 wide here, real vocabulary),
-rows concatenated as ``crossattn``, the pooled ``vector`` kept; the same exactness as SD1.x, per half."""
+"""SDXL through the A1111 glue: two text encoders at their real widths (CLIP-L 768, OpenCLIP-G 1280; one layer
+each, real vocabulary), rows concatenated to 2048 as ``crossattn``, the pooled ``vector`` kept; an ldm UNet with
+SDXL's block layout; the same exactness as SD1.x, per half."""
 
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip_parts import clip_text_model
-from ldm_parts import tiny_sd15_unet
+from ldm_parts import tiny_sd15_unet, tiny_sdxl_unet
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
 from webui_flow import FakeSDXLModel, Processing, generate
@@ -18,7 +19,7 @@ from alignit.hosts.hf_clip import HFClipEncoder
 from alignit.kv import attn2_modules
 
 BOS, EOS, STAR = 49406, 49407, 265
-L, G = 32, 48
+L, G = 768, 1280
 
 
 def args(*rows):
@@ -26,13 +27,19 @@ def args(*rows):
 
 
 @pytest.fixture(scope="module")
+def model_l():
+    return clip_text_model(L, layers=1, heads=12, seed=6)
+
+
+@pytest.fixture(scope="module")
 def model_g():
-    return clip_text_model(G, layers=2, heads=4, seed=7)
+    return clip_text_model(G, layers=1, heads=20, seed=7)
 
 
 @pytest.fixture
-def sdxl(text_model, model_g, tokenizer, tmp_path, monkeypatch):
-    unet = tiny_sd15_unet(context_dim=L + G)
+def sdxl(model_l, model_g, tokenizer, tmp_path, monkeypatch):
+    text_model = model_l
+    unet = tiny_sdxl_unet()
     shared.sd_model = FakeSDXLModel(text_model, model_g, tokenizer, unet)
     database = sd_hijack.EmbeddingDatabase()
     sd_hijack.model_hijack.embedding_db = database
