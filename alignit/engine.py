@@ -72,10 +72,6 @@ class ConceptSource:
         return cls(name, (0,) * vectors, ((0, handle),))
 
     @property
-    def vectors(self) -> int:
-        return len(self.tokens)
-
-    @property
     def weight_side(self) -> bool:
         return bool(self.kv or self.global_kv)
 
@@ -102,7 +98,7 @@ class Splicer:
     """Computes AlignIT rows for the prompts of one generation; caches every p' it encodes."""
 
     encoder: TextEncoder
-    sources: Sequence[ConceptSource | None]
+    sources: Sequence[ConceptSource]
     options: Options
     warnings: list[str] = field(default_factory=list)
     _dummy_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
@@ -122,7 +118,7 @@ class Splicer:
     def concept_rows(self, chunk: Chunk, span: Span) -> torch.Tensor:
         """The customized encoding of p' at the concept's rows (empty for the second part of a split span)."""
         source = self.sources[span.concept]
-        if span.part or source is None:
+        if span.part:
             return torch.empty(0)
         dummy = dummy_chunk(chunk, span, source.tokens, self.placeholder_id)
         key = (tuple(dummy.tokens), tuple(dummy.multipliers), dummy.start, span.concept)
@@ -155,7 +151,7 @@ class Splicer:
             raise LayoutMismatch(f"{rows.shape[0]} rows of conditioning for a prompt of {len(chunks)} chunks")
         out = rows.clone()
         for i, chunk in enumerate(chunks):
-            spans = {span: self.concept_rows(chunk, span) for span in chunk.spans if self.sources[span.concept] is not None}
+            spans = {span: self.concept_rows(chunk, span) for span in chunk.spans}
             if not spans:
                 continue
             window = slice(i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS)
@@ -191,7 +187,7 @@ class Splicer:
 
     def global_kv(self) -> list[tuple[Key, LowRank]]:
         """The LoRAs the WebUI applies to the whole UNet for concepts in the "full" scope."""
-        return [item for source in self.sources if source is not None for item in source.global_kv.items()]
+        return [item for source in self.sources for item in source.global_kv.items()]
 
     def warn(self, message: str) -> None:
         """Keep a message for the host to show (hosts drain ``warnings``)."""

@@ -190,8 +190,3 @@ def _number_parts(chunks: list[Chunk]) -> None:
             numbered.append(Span(span.concept, span.occurrence, span.start, span.length, int(key in seen)))
             seen.add(key)
         chunk.spans = numbered
-
-
-def plain_tokens(chunks: Sequence[Chunk]) -> list[tuple[list[int], list[float]]]:
-    """Token ids and weights of each chunk, for comparison with a host's own layout."""
-    return [(chunk.tokens, chunk.multipliers) for chunk in chunks]

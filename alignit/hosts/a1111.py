@@ -55,8 +55,6 @@ def marked_schedules(marked_prompt: str, steps: int, hires_steps: int | None) ->
 class PassPlan:
     """What AlignIT will splice into one sampling pass: per batch item, per AND part, the marked schedule."""
 
-    steps: int
-    hires_steps: int | None
     items: list[list[list[tuple[int, str]]] | None] = field(default_factory=list)
 
 
@@ -74,7 +72,7 @@ class Generation:
         """LoRA name → the tag the prompt must carry for it (None: no tag), for every concept bound to a LoRA."""
         tags: dict[str, str | None] = {}
         for concept, source in zip(self.options.concepts, self.splicer.sources):
-            if source is not None and source.name.startswith("lora:"):
+            if source.name.startswith("lora:"):
                 spec = parse_source(concept)
                 tags[spec.name] = f"<lora:{spec.name}:0:{spec.weight:g}>" if self.options.lora_scope == "full" else None
         return tags
@@ -110,7 +108,7 @@ def start(p: Any, enabled: bool, options: Options) -> Generation | None:
         _message(p, f"{error}; generating without AlignIT")
         return None
     unet = shared.sd_model.model.diffusion_model
-    sources: list[ConceptSource | None] = []
+    sources: list[ConceptSource] = []
     concepts: list[Concept] = []
     for concept in options.concepts:
         try:
@@ -171,7 +169,7 @@ def process(p: Any, script_args: Sequence[Any]) -> Generation | None:
 def _plan_prompts(
     p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None
 ) -> tuple[list[str], PassPlan]:
-    plan = PassPlan(steps, hires_steps)
+    plan = PassPlan()
     out = []
     concepts = generation.options.concepts
     for prompt in prompts:
