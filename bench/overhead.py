@@ -7,8 +7,9 @@ q/v, "kv" scope) or ``cd`` (Custom Diffusion: full to_k/to_v weights). ``--model
 text tower. All weights are random; A1111's hook order is driven through tests/webui_flow.py over the contract in
 tests/contract. Each sampling step runs the UNet on cond and uncond together, as A1111 does.
 
-Reports: the median per-step time ratio (on / off), the time spent inside AlignIT's K/V hooks per step (a direct
-measure of the per-step overhead, free of the run-to-run noise of the ratio), AlignIT's one-time cost per generation
+Reports: the median per-step time ratio (on / off) of whole generations, the same ratio from UNet calls that
+alternate with and without AlignIT's K/V hooks (paired, so the machine's drift cancels out), the time spent inside
+the K/V hooks per step, AlignIT's one-time cost per generation
 (rewriting, layout, encoding p', splicing, installing hooks) relative to one UNet step, and the memory its hooks hold.
 
     .venv/bin/python bench/overhead.py --concept lora [--model sd15|sdxl] [--steps 20] [--latent 32] [--repeats 2]
@@ -50,6 +51,7 @@ class TimedProcessing(Processing):
 
     def sample(self, c, steps):
         unet = shared.sd_model.unet
+        self.last = c
         times = []
         uncond = rows(self.uc[0][0].cond)
         for step in range(steps):
@@ -85,6 +87,29 @@ def concept(kind: str, unet: torch.nn.Module, text_model: torch.nn.Module, folde
     torch.save(cd_state(random_cd_weights(unet, scale=0.01), torch.randn(1, 768) * 0.02, "delta_bin"), folder / "concept.bin")
     shared.opts.alignit_custom_diffusion_dir = str(folder)
     return "<new1> cat", ["<new1> cat", "cat", "cd:concept", 1.0]
+
+
+def paired_ratio(unet: torch.nn.Module, p: TimedProcessing, pairs: int) -> float | None:
+    """Median time ratio of UNet calls with / without the K/V hooks of ``p``'s generation, alternating call by call."""
+    generation = getattr(p, a1111.STATE_ATTRIBUTE)
+    concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()
+    if not (concepts or global_kv):
+        return None
+    _, cond = prompt_parser.reconstruct_multicond_batch(p.last, 0)
+    context = torch.cat([rows(cond), rows(p.uc[0][0].cond)[None]])
+    x = torch.randn(2, 4, TimedProcessing.latent, TimedProcessing.latent, generator=torch.Generator().manual_seed(0))
+    ratios = []
+    with torch.no_grad():
+        for _ in range(pairs):
+            start = time.perf_counter()
+            unet(x, torch.full((2,), 500), context=context)
+            off = time.perf_counter() - start
+            with kv.KVInjector(unet, concepts, global_kv):
+                start = time.perf_counter()
+                unet(x, torch.full((2,), 500), context=context)
+                on = time.perf_counter() - start
+            ratios.append(on / off)
+    return statistics.median(ratios)
 
 
 def hook_bytes() -> int:
@@ -142,6 +167,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256 px)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=12, help="alternating UNet calls for the paired ratio")
     options = parser.parse_args()
     TimedProcessing.latent = options.latent
 
@@ -175,12 +201,16 @@ def main() -> None:
             if mode == "on":
                 one_time.append(spent["alignit"])
                 kv_time.append(spent["kv"] / options.steps)
+                last_on = p
     off, on = statistics.median(per_step["off"]), statistics.median(per_step["on"])
     cost = statistics.median(one_time)
     print(f"concept: {options.concept}; model: {options.model} (random weights), latent {options.latent}x{options.latent}")
     print(f"cond+uncond batch, {options.steps} steps")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {options.repeats} runs each, interleaved")
     print(f"median UNet step: off {off:.3f} s, on {on:.3f} s, ratio on/off {on / off:.4f}")
+    paired = paired_ratio(unet, last_on, options.pairs)
+    if paired is not None:
+        print(f"paired UNet calls with / without the K/V hooks: ratio {paired:.4f} (median of {options.pairs})")
     hooks = statistics.median(kv_time)
     print(f"time inside the K/V hooks per step: {hooks * 1000:.2f} ms = {hooks / off:.2%} of a step")
     print(f"AlignIT one-time cost per generation: {cost:.3f} s = {cost / off:.3f} UNet steps")
