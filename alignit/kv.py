@@ -156,10 +156,10 @@ class KVInjector:
             if not len(hits) and not layer.remove:
                 return None
             output = output.clone()
-            for projection in layer.remove:
-                output = output - projection.delta(context).to(output.dtype)
-                if len(hits):  # concept rows keep the WebUI's (W + ΔW)·c'
-                    output[hits[:, 0], hits[:, 1]] += projection.delta(context[hits[:, 0], hits[:, 1]]).to(output.dtype)
+            if layer.remove:
+                taken = sum(projection.delta(context) for projection in layer.remove).to(output.dtype)
+                taken[hits[:, 0], hits[:, 1]] = 0  # concept rows keep the WebUI's (W + ΔW)·c'
+                output -= taken
             for ids, values in layer.set_rows:
                 self._write(output, hits, ids, values, add=False)
             for ids, values in layer.add_rows:
