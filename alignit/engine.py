@@ -31,6 +31,10 @@ class LayoutMismatch(RuntimeError):
     """AlignIT's layout of a prompt differs from the host's own: the prompt is left as the host encoded it."""
 
 
+class Unsupported(RuntimeError):
+    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
+
+
 class TextEncoder(Tokenizer, Protocol):
     """A host's text encoder, seen the way the WebUI's own sees a prompt."""
 

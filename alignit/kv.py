@@ -52,26 +52,52 @@ class Replacement:
         return tuple(self.weight.shape)
 
 
-Projection = LowRank | Replacement
+@dataclass(frozen=True)
+class Dense:
+    """A full-size ``ΔW`` (LoRA types that are not a plain product of two factors: LoHa, LoKr, DoRA)."""
+
+    weight: torch.Tensor
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+
+Delta = LowRank | Dense
+Projection = LowRank | Dense | Replacement
 Key = tuple[str, str]  # (layer path relative to the UNet, "k" | "v")
 
 
-def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Linear]:
-    """Every cross-attention to_k/to_v of an ldm UNet, by ``(layer, proj)``."""
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer: torch's, or a host's own class of that name (Forge builds its models with its own Linear)."""
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear"
+
+
+def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, also where its weight is stored quantized."""
+    out_features, in_features = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    return (out_features, in_features) if out_features and in_features else tuple(module.weight.shape)
+
+
+def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
+    """Every cross-attention to_k/to_v of an ldm-layout UNet, by ``(layer, proj)``."""
     found = {}
     for name, module in unet.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
+        if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
             found[(name[: -len(".to_k")], name[-1])] = module
     return found
 
 
-def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Linear]) -> None:
+def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:
     """ConceptError when a concept's K/V weights name layers or shapes this UNet does not have."""
     missing = [key for key in weights if key not in modules]
     if missing:
         raise ConceptError(f"'{name}' was made for another model: this UNet has no layer {missing[0][0]}")
     for key, projection in weights.items():
-        have = tuple(modules[key].weight.shape)
+        have = linear_shape(modules[key])
         if projection.shape != have:
             raise ConceptError(f"'{name}' was made for another model: {key[0]}.to_{key[1]} is {projection.shape}, here {have}")
 
@@ -88,44 +114,34 @@ class ConceptKV:
 class _Layer:
     set_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to write)
     add_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to add)
-    remove: list[LowRank] = field(default_factory=list)  # full scope: ΔW·x taken out of every other row
+    remove: list[Delta] = field(default_factory=list)  # full scope: ΔW·x taken out of every other row
 
 
-class KVInjector:
-    """Hooks that give the concept rows their customized keys/values; use as a context or call ``remove``.
+class KVRewriter:
+    """Rewrites one cross-attention projection's output: the concept rows get their customized keys/values.
 
-    ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
-    nothing and remove themselves.
+    Host-agnostic: a host calls ``rewrite`` with the context that went into ``to_k``/``to_v`` and what came out.
     """
 
-    def __init__(
-        self,
-        unet: torch.nn.Module,
-        concepts: Sequence[ConceptKV],
-        global_lora: Sequence[tuple[Key, LowRank]] = (),
-        is_current: Callable[[], bool] = lambda: True,
-    ):
-        modules = attn2_modules(unet)
+    def __init__(self, concepts: Sequence[ConceptKV], global_lora: Sequence[tuple[Key, Delta]] = ()):
         rows = [concept.rows for concept in concepts if len(concept.rows)]
         self.table = torch.cat(rows) if rows else torch.empty(0)
-        self.is_current = is_current
         self.hits_by_layer: dict[Key, int] = {}
-        self._layers: dict[Key, _Layer] = {}
+        self.layers: dict[Key, _Layer] = {}
         start = 0
         with torch.no_grad():
             for concept in concepts:
                 ids = torch.arange(start, start + len(concept.rows))
                 start += len(concept.rows)
                 for key, projection in concept.weights.items():
-                    layer = self._layers.setdefault(key, _Layer())
+                    layer = self.layers.setdefault(key, _Layer())
                     if isinstance(projection, Replacement):
                         layer.set_rows.append((ids, F.linear(concept.rows.to(projection.weight), projection.weight)))
                     else:
                         layer.add_rows.append((ids, projection.delta(concept.rows.float())))
             for key, projection in global_lora:
-                self._layers.setdefault(key, _Layer()).remove.append(projection)
+                self.layers.setdefault(key, _Layer()).remove.append(projection)
         self._last: tuple[tuple, torch.Tensor] | None = None
-        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self._layers if key in modules]
 
     def _hits(self, context: torch.Tensor) -> torch.Tensor:
         """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per tensor."""
@@ -143,30 +159,32 @@ class KVInjector:
             self._last = (key, hits)
         return self._last[1]
 
-    def _hook(self, key: Key):
-        layer = self._layers[key]
+    def rewrite(
+        self, key: Key, context: torch.Tensor, output: torch.Tensor, batch_rows: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``output`` (= the base projection of ``context``) with the concept rows rewritten; None: nothing to change.
 
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not self.is_current():
-                self.remove()
-                return None
-            context = inputs[0]
-            hits = self._hits(context)
-            self.hits_by_layer[key] = self.hits_by_layer.get(key, 0) + len(hits)
-            if not len(hits) and not layer.remove:
-                return None
-            output = output.clone()
-            if layer.remove:
-                taken = sum(projection.delta(context) for projection in layer.remove).to(output.dtype)
-                taken[hits[:, 0], hits[:, 1]] = 0  # concept rows keep the WebUI's (W + ΔW)·c'
-                output -= taken
-            for ids, values in layer.set_rows:
-                self._write(output, hits, ids, values, add=False)
-            for ids, values in layer.add_rows:
-                self._write(output, hits, ids, values, add=True)
-            return output
-
-        return hook
+        batch_rows: when given, the batch rows that may hold concept rows (the cond rows); others are left alone.
+        """
+        layer = self.layers.get(key)
+        if layer is None:
+            return None
+        hits = self._hits(context)
+        if batch_rows is not None and len(hits):
+            hits = hits[torch.isin(hits[:, 0], batch_rows.to(hits.device))]
+        self.hits_by_layer[key] = self.hits_by_layer.get(key, 0) + len(hits)
+        if not len(hits) and not layer.remove:
+            return None
+        output = output.clone()
+        if layer.remove:
+            taken = sum(projection.delta(context) for projection in layer.remove).to(output.dtype)
+            taken[hits[:, 0], hits[:, 1]] = 0  # concept rows keep the WebUI's (W + ΔW)·c'
+            output -= taken
+        for ids, values in layer.set_rows:
+            self._write(output, hits, ids, values, add=False)
+        for ids, values in layer.add_rows:
+            self._write(output, hits, ids, values, add=True)
+        return output
 
     @staticmethod
     def _write(output: torch.Tensor, hits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, add: bool) -> None:
@@ -182,8 +200,40 @@ class KVInjector:
             output[selected[:, 0], selected[:, 1]] = rows
 
     def unmatched_layers(self) -> list[Key]:
-        """Layers whose hook ran without ever seeing a concept row (a hypernetwork or UNet replacement in the way)."""
+        """Layers that ran without ever seeing a concept row (a hypernetwork or UNet replacement in the way)."""
         return [key for key, count in self.hits_by_layer.items() if count == 0]
+
+
+class KVInjector:
+    """Forward hooks on an ldm UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
+
+    ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
+    nothing and remove themselves.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        concepts: Sequence[ConceptKV],
+        global_lora: Sequence[tuple[Key, Delta]] = (),
+        is_current: Callable[[], bool] = lambda: True,
+    ):
+        modules = attn2_modules(unet)
+        self.rewriter = KVRewriter(concepts, global_lora)
+        self.is_current = is_current
+        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
+
+    def _hook(self, key: Key):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.is_current():
+                self.remove()
+                return None
+            return self.rewriter.rewrite(key, inputs[0], output)
+
+        return hook
+
+    def unmatched_layers(self) -> list[Key]:
+        return self.rewriter.unmatched_layers()
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -206,7 +256,7 @@ def text_lora(text_model: torch.nn.Module, factors: Mapping[str, LowRank]) -> It
     """Apply a text-encoder LoRA functionally (``y + ΔW·x`` on each matched Linear) while the block runs."""
     modules = {}
     for name, module in text_model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if is_linear(module):
             modules[name.replace(".", "_").removeprefix("text_model_")] = module
     unknown = [name for name in factors if name not in modules]
     if unknown:

@@ -12,9 +12,12 @@ from modules.infotext_utils import PasteField
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignit import args as alignit_args  # noqa: E402
-from alignit.hosts import a1111, a1111_sources  # noqa: E402
+from alignit.hosts import webui  # noqa: E402
+from alignit.hosts.detect import current_host  # noqa: E402
+from alignit.hosts.webui_sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
+HOST = current_host()
 
 
 class AlignITScript(scripts.Script):
@@ -44,7 +47,7 @@ class AlignITScript(scripts.Script):
                     rows.append(
                         gr.Dropdown(
                             label="Source: embedding, lora:NAME[:WEIGHT] or cd:NAME (empty: the trigger's name)",
-                            choices=a1111_sources.source_choices(),
+                            choices=HOST.source_choices(),
                             value="",
                             allow_custom_value=True,
                             elem_id=f"alignit_{tab}_source_{i}",
@@ -67,7 +70,7 @@ class AlignITScript(scripts.Script):
                 )
                 refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
-        refresh.click(lambda: [gr.update(choices=a1111_sources.source_choices()) for _ in sources], inputs=[], outputs=sources)
+        refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
 
         components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
 
@@ -79,34 +82,34 @@ class AlignITScript(scripts.Script):
         return components
 
     def process(self, p, *args) -> None:
-        a1111.process(p, args)
+        webui.process(p, HOST, args)
 
     def before_process_batch(self, p, *args, **kwargs) -> None:
-        a1111.set_lora_tags(p)
+        webui.set_lora_tags(p)
 
     def process_batch(self, p, *args, **kwargs) -> None:
-        a1111.prepare_batch(p)
+        webui.prepare_batch(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs) -> None:
-        a1111.before_sampling(p, kwargs.get("c"))
+        webui.before_sampling(p, kwargs.get("c"))
 
     def postprocess_batch(self, p, *args, **kwargs) -> None:
-        a1111.finish_batch(p)
+        webui.finish_batch(p)
 
 
 def on_ui_settings() -> None:
     section = ("alignit", "AlignIT")
     shared.opts.add_option(
-        a1111_sources.CD_DIR_OPTION,
+        CD_DIR_OPTION,
         shared.OptionInfo("", "Custom Diffusion deltas folder (empty: models/CustomDiffusion)", section=section),
     )
 
 
 def _override(key: str, kind: type):
     def apply(p, value, _values) -> None:
-        overrides = dict(getattr(p, a1111.OVERRIDES_ATTRIBUTE, None) or {})
+        overrides = dict(getattr(p, webui.OVERRIDES_ATTRIBUTE, None) or {})
         overrides[key] = kind(value)
-        setattr(p, a1111.OVERRIDES_ATTRIBUTE, overrides)
+        setattr(p, webui.OVERRIDES_ATTRIBUTE, overrides)
 
     return apply
 

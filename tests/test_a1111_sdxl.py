@@ -96,14 +96,14 @@ def test_sdxl_lora_keys_values_and_text_parts(sdxl, monkeypatch):
     seen = []
     import webui_flow
 
-    original = webui_flow.a1111.before_sampling
+    original = webui_flow.flow.before_sampling
 
     def observed(p, c):
         original(p, c)
         for key, module in attn2_modules(sdxl.unet).items():
             module.register_forward_hook(lambda m, i, o, k=key: seen.append((k, i[0][0].clone(), o[0].clone())))
 
-    monkeypatch.setattr(webui_flow.a1111, "before_sampling", observed)
+    monkeypatch.setattr(webui_flow.flow, "before_sampling", observed)
     try:
         p = generate(Processing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:xl:0.5", 1.0]))
     finally:

@@ -14,6 +14,7 @@ from webui_flow import FakeModel, Processing, generate
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
 from alignit.hosts import a1111
+from alignit.hosts import webui as flow
 from alignit.kv import attn2_modules
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
@@ -61,14 +62,14 @@ def webui(text_model, tokenizer, vectors, tmp_path, monkeypatch):
 def seen(monkeypatch):
     """The context and output of every attn2 to_k/to_v call, observed after AlignIT's own hooks."""
     calls = []
-    original = a1111.before_sampling
+    original = flow.before_sampling
 
     def observed(p, c):
         original(p, c)
         for key, module in attn2_modules(shared.sd_model.unet).items():
             module.register_forward_hook(lambda m, i, o, k=key: calls.append((k, i[0][0].clone(), o[0].clone())))
 
-    monkeypatch.setattr(webui_flow.a1111, "before_sampling", observed)
+    monkeypatch.setattr(webui_flow.flow, "before_sampling", observed)
     yield calls
     for module in attn2_modules(shared.sd_model.unet).values():
         module._forward_hooks.clear()

@@ -18,10 +18,12 @@ import torch
 from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract (tests/contract)
 
 from alignit.hosts import a1111
+from alignit.hosts import webui as flow
 from alignit.kv import attn2_modules
 from alignit.sources.lora import load_lora
 
 _jobs = itertools.count(1)
+HOST = a1111.A1111Host()
 
 
 class FakeModel:
@@ -157,30 +159,30 @@ def generate(p: Processing, script_args=None) -> Processing:
     shared.state.job_timestamp = str(next(_jobs))
     hooks = script_args is not None
     if hooks:
-        a1111.process(p, script_args)
+        flow.process(p, HOST, script_args)
     for n in range(0, len(p.all_prompts), p.batch_size):
         p.prompts = p.all_prompts[n : n + p.batch_size]
         p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
         if hooks:
-            a1111.set_lora_tags(p)
+            flow.set_lora_tags(p)
         p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
         if p.enable_hr:
             p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[n : n + p.batch_size])
         with loras_applied(p.extra_network_data):
             if hooks:
-                a1111.prepare_batch(p)
+                flow.prepare_batch(p)
             p.setup_conds()
             if hooks:
-                a1111.before_sampling(p, p.c)
+                flow.before_sampling(p, p.c)
             p.sample(p.c, p.steps)
         if p.enable_hr:
             with loras_applied(p.hr_extra_network_data):
                 p.is_hr_pass = True
                 p.calculate_hr_conds()
                 if hooks:
-                    a1111.before_sampling(p, p.hr_c)
+                    flow.before_sampling(p, p.hr_c)
                 p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
                 p.is_hr_pass = False
         if hooks:
-            a1111.finish_batch(p)
+            flow.finish_batch(p)
     return p

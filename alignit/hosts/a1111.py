@@ -1,82 +1,22 @@
-"""The AUTOMATIC1111 WebUI host (v1.10): its text encoder, prompt functions, conditioning and UNet.
+"""The AUTOMATIC1111 WebUI host (v1.10): its text encoder, sources and K/V forward hooks on the ldm UNet.
 
-One generation, seen from the script's hooks:
-- ``process``: retire K/V hooks an earlier, failed generation may have left; resolve the concepts; give ``p`` its
-  own cond caches so no spliced conditioning reaches the WebUI's shared cache (``StableDiffusionProcessing.cached_c``).
-- ``before_process_batch`` (before extra networks are parsed): a concept's LoRA is kept off the UNet ("kv" scope) or
-  applied to the UNet only ("full" scope: ``<lora:NAME:0:WEIGHT>``), whatever tags the prompt has.
-- ``process_batch`` (after extra networks are parsed, before ``setup_conds``): rewrite ``p.prompts`` and
-  ``p.hr_prompts`` to class words, and do all per-prompt work (layout, check, encoding of p'). A prompt that fails
-  keeps its original text, so the WebUI renders it as it would without AlignIT.
-- ``process_before_every_sampling``: splice the prepared rows into the conditioning the sampler is about to use
-  (first pass and hires pass). Text-side concepts need nothing per step; weight-side concepts (LoRA, Custom
-  Diffusion) get forward hooks on ``attn2.to_k``/``to_v`` for the pass.
-- ``postprocess_batch``: the hooks come off. Hooks left by an error retire themselves: they check the job.
+The generation flow is ``alignit.hosts.webui``'s. Weight-side concepts get forward hooks on the UNet's
+``attn2.to_k``/``to_v`` for each sampling pass; they come off in ``postprocess_batch``, and hooks left by an error
+retire themselves (they check the job) or are removed when the next generation begins.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
-import torch
-from modules import extra_networks, prompt_parser, sd_samplers, shared
+from modules import shared
 
-from .. import args as alignit_args
-from ..concepts import Concept, ConceptError, Options, parse_source
-from ..engine import ConceptSource, LayoutMismatch, Splicer
+from ..concepts import Concept
+from ..engine import ConceptSource, Splicer, TextEncoder, Unsupported
 from ..kv import KVInjector
-from ..prompt import rewrite_prompt, set_lora_tag
 from . import a1111_sources
-from .a1111_encoder import A1111Encoder, Unsupported
-
-log = logging.getLogger("alignit")
-
-STATE_ATTRIBUTE = "alignit_state"
-WARNING_KEY = "AlignIT warning"
-OVERRIDES_ATTRIBUTE = "alignit_overrides"
-
-
-def _total_steps(sampler_name: str | None, steps: int) -> int:
-    config = sd_samplers.find_sampler_config(sampler_name)
-    return config.total_steps(steps) if config else steps
-
-
-def marked_schedules(marked_prompt: str, steps: int, hires_steps: int | None) -> list[list[tuple[int, str]]]:
-    """Per AND part, the schedule ``[(end_at_step, marked text)]`` the WebUI computes for the prompt's plain text."""
-    indexes, flat, _ = prompt_parser.get_multicond_prompt_list([marked_prompt])
-    schedules = prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps, hires_steps, shared.opts.use_old_scheduling)
-    return [[(end, text) for end, text in schedules[index]] for index, _ in indexes[0]]
-
-
-@dataclass
-class PassPlan:
-    """What AlignIT will splice into one sampling pass: per batch item, per AND part, the marked schedule."""
-
-    items: list[list[list[tuple[int, str]]] | None] = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    """AlignIT's state for one ``p``: the splicer and the plans of the current batch."""
-
-    options: Options
-    splicer: Splicer
-    first: PassPlan | None = None
-    hires: PassPlan | None = None
-    injector: KVInjector | None = None
-
-    def lora_tags(self) -> dict[str, str | None]:
-        """LoRA name → the tag the prompt must carry for it (None: no tag), for every concept bound to a LoRA."""
-        tags: dict[str, str | None] = {}
-        for concept, source in zip(self.options.concepts, self.splicer.sources):
-            if source.name.startswith("lora:"):
-                spec = parse_source(concept)
-                tags[spec.name] = f"<lora:{spec.name}:0:{spec.weight:g}>" if self.options.lora_scope == "full" else None
-        return tags
-
+from .a1111_encoder import A1111Encoder
 
 _live_injectors: list[KVInjector] = []
 
@@ -85,60 +25,6 @@ def retire_hooks() -> None:
     """Remove every K/V hook AlignIT installed (normally none is left between generations)."""
     while _live_injectors:
         _live_injectors.pop().remove()
-
-
-def _message(p: Any, text: str) -> None:
-    """Tell the user: the log, the UI (``p.comment``) and the infotext, which API responses carry."""
-    log.warning("AlignIT: %s", text)
-    p.comment(f"AlignIT: {text}")
-    earlier = p.extra_generation_params.get(WARNING_KEY)
-    if earlier is None or text not in earlier:
-        p.extra_generation_params[WARNING_KEY] = text if earlier is None else f"{earlier}; {text}"
-
-
-def start(p: Any, enabled: bool, options: Options) -> Generation | None:
-    """``process`` hook: validate, resolve the concepts, isolate ``p``'s cond caches. None: AlignIT stays off."""
-    setattr(p, STATE_ATTRIBUTE, None)
-    if not enabled:
-        return None
-    try:
-        options = options.validated()
-        encoder = A1111Encoder(shared.sd_model.cond_stage_model)
-    except (ConceptError, Unsupported) as error:
-        _message(p, f"{error}; generating without AlignIT")
-        return None
-    unet = shared.sd_model.model.diffusion_model
-    sources: list[ConceptSource] = []
-    concepts: list[Concept] = []
-    for concept in options.concepts:
-        try:
-            concept = concept.validated()
-            source = a1111_sources.resolve(concept, encoder, unet, options.lora_scope, lambda text: _message(p, text))
-            if source.weight_side:
-                _check_unet_reachable()
-            sources.append(source)
-            concepts.append(concept)
-        except (ConceptError, Unsupported) as error:
-            _message(p, f"{error}; this concept is left to the WebUI")
-        except Exception as error:  # a bug or a WebUI change must cost the concept, not the generation
-            log.exception("AlignIT: resolving concept %r", concept.trigger)
-            _message(p, f"concept '{concept.trigger}': {type(error).__name__}: {error}; this concept is left to the WebUI")
-    if not concepts:
-        if options.concepts:
-            _message(p, "no usable concept; generating without AlignIT")
-        return None
-    options = replace(options, concepts=tuple(concepts))
-    splicer = Splicer(encoder, sources, options)
-    try:
-        _ = splicer.placeholder_id
-    except ConceptError as error:
-        _message(p, f"{error}; generating without AlignIT")
-        return None
-    p.cached_c = [None, None]
-    p.cached_hr_c = [None, None]
-    generation = Generation(options, splicer)
-    setattr(p, STATE_ATTRIBUTE, generation)
-    return generation
 
 
 def _check_unet_reachable() -> None:
@@ -150,152 +36,32 @@ def _check_unet_reachable() -> None:
         raise Unsupported(f"the UNet is replaced by {type(current_unet).__name__}, which bypasses its cross-attention modules")
 
 
-def process(p: Any, script_args: Sequence[Any]) -> Generation | None:
-    """``process`` hook: read the script's arguments and X/Y/Z overrides, start AlignIT, write its infotext."""
-    retire_hooks()
-    setattr(p, STATE_ATTRIBUTE, None)
-    try:
-        enabled, options = alignit_args.parse_args(script_args)
-        enabled, options = alignit_args.with_overrides(enabled, options, getattr(p, OVERRIDES_ATTRIBUTE, None) or {})
-    except (ConceptError, ValueError) as error:
-        _message(p, f"{error}; generating without AlignIT")
-        return None
-    generation = start(p, enabled, options)
-    if generation is not None:
-        p.extra_generation_params.update(alignit_args.to_infotext(generation.options))
-    return generation
+class A1111Host:
+    """``alignit.hosts.webui.Host`` for A1111."""
 
+    def begin(self) -> None:
+        retire_hooks()
 
-def _plan_prompts(
-    p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None
-) -> tuple[list[str], PassPlan]:
-    plan = PassPlan()
-    out = []
-    concepts = generation.options.concepts
-    for prompt in prompts:
-        rewrite = rewrite_prompt(prompt, concepts)
-        if not rewrite.has_concepts:
-            out.append(prompt)
-            plan.items.append(None)
-            continue
-        try:
-            schedules = marked_schedules(rewrite.marked, steps, hires_steps)
-            for schedule in schedules:
-                for _, text in schedule:
-                    generation.splicer.prepare(text)
-        except Exception as error:  # ConceptError, LayoutMismatch, or a bug: the prompt goes to the WebUI as it is
-            if not isinstance(error, (ConceptError, LayoutMismatch)):
-                log.exception("AlignIT: preparing %r", prompt)
-            _message(p, f"{error}; this prompt is generated without AlignIT")
-            out.append(prompt)
-            plan.items.append(None)
-            continue
-        out.append(rewrite.plain)
-        plan.items.append(schedules)
-    return out, plan
+    def encoder(self) -> TextEncoder:
+        return A1111Encoder(shared.sd_model.cond_stage_model)
 
+    def resolve(self, concept: Concept, encoder: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:
+        source = a1111_sources.resolve(concept, encoder, shared.sd_model.model.diffusion_model, lora_scope, warn)
+        if source.weight_side:
+            _check_unet_reachable()
+        return source
 
-def set_lora_tags(p: Any) -> None:
-    """``before_process_batch`` hook: the concepts' LoRA tags as their scope wants them, in the batch's prompts."""
-    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    for name, tag in generation.lora_tags().items():
-        p.prompts = [set_lora_tag(prompt, name, tag) for prompt in p.prompts]
-
-
-def _set_hires_lora_tags(p: Any, generation: Generation) -> None:
-    """The hires prompts' extra networks are parsed with the first pass's: edit their parsed form."""
-    data = getattr(p, "hr_extra_network_data", None)
-    tags = generation.lora_tags()
-    if data is None or not tags:
-        return
-    kept = [params for params in data.get("lora", []) if not params.items or params.items[0] not in tags]
-    for tag in filter(None, tags.values()):
-        kept.append(extra_networks.ExtraNetworkParams(items=tag[len("<lora:") : -1].split(":")))
-    data["lora"] = kept
-
-
-def prepare_batch(p: Any) -> None:
-    """``process_batch`` hook: rewrite the batch's prompts to class words and prepare every p'."""
-    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    _set_hires_lora_tags(p, generation)
-    steps = _total_steps(p.sampler_name, p.steps)
-    with torch.no_grad():
-        p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None)
-        if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
-            hires_steps = _total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
-            p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps)
-        else:
-            generation.hires = None
-    while generation.splicer.warnings:
-        _message(p, generation.splicer.warnings.pop(0))
-
-
-def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:
-    """Point ``c`` (a MulticondLearnedConditioning, from ``p``'s own cache) at AlignIT's schedules.
-
-    The plain schedules stay on ``c`` so that a second call (a later batch hitting ``p``'s cache) starts from them.
-    """
-    plain = getattr(c, "alignit_plain_batch", None) or c.batch
-    c.alignit_plain_batch = plain
-    batch = []
-    for parts, planned in zip(plain, plan.items):
-        if planned is None:
-            batch.append(parts)
-            continue
-        if len(parts) != len(planned):
-            raise LayoutMismatch("the prompt's AND parts differ from the ones AlignIT planned")
-        batch.append(
-            [
-                prompt_parser.ComposableScheduledPromptConditioning(
-                    [
-                        prompt_parser.ScheduledPromptConditioning(end, cond)
-                        for end, cond in splicer.align_schedule([(s.end_at_step, s.cond) for s in part.schedules], marked)
-                    ],
-                    part.weight,
-                )
-                for part, marked in zip(parts, planned)
-            ]
-        )
-    c.batch = batch
-
-
-def before_sampling(p: Any, c: Any) -> None:
-    """``process_before_every_sampling`` hook: splice into the first-pass or hires-pass conditioning."""
-    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    plan = generation.hires if getattr(p, "is_hr_pass", False) else generation.first
-    if plan is None or c is None or not any(plan.items):
-        return
-    try:
-        with torch.no_grad():
-            splice_conditioning(c, plan, generation.splicer)
-    except Exception as error:
-        if not isinstance(error, LayoutMismatch):
-            log.exception("AlignIT: splicing")
-        _message(p, f"{error}; the class word is used without the concept")
-        return
-    concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()
-    if concepts or global_kv:
+    def install_kv(self, p: Any, splicer: Splicer) -> KVInjector | None:
+        concepts, global_kv = splicer.kv_concepts(), splicer.global_kv()
+        if not (concepts or global_kv):
+            return None
         retire_hooks()
         job = shared.state.job_timestamp
-        generation.injector = KVInjector(
+        injector = KVInjector(
             shared.sd_model.model.diffusion_model, concepts, global_kv, is_current=lambda: shared.state.job_timestamp == job
         )
-        _live_injectors.append(generation.injector)
+        _live_injectors.append(injector)
+        return injector
 
-
-def finish_batch(p: Any) -> None:
-    """``postprocess_batch`` hook: take the K/V hooks off; say so if they never found a concept row."""
-    generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None or generation.injector is None:
-        return
-    unmatched = generation.injector.unmatched_layers()
-    retire_hooks()
-    generation.injector = None
-    if unmatched:
-        _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")
+    def source_choices(self) -> list[str]:
+        return a1111_sources.source_choices()

@@ -12,12 +12,8 @@ from modules import devices, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
 from ..concepts import ConceptError
-from ..engine import LayoutMismatch
+from ..engine import LayoutMismatch, Unsupported
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
-
-
-class Unsupported(RuntimeError):
-    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
 
 
 def text_encoders(cond_stage_model: Any) -> list[Any]:

@@ -1,0 +1,48 @@
+"""The Stable Diffusion WebUI Forge host: its text engines, sources, and ``attn2`` patches on a cloned UNet.
+
+The generation flow is ``alignit.hosts.webui``'s (Forge keeps A1111's hook order and ``prompt_parser``). Weight-side
+concepts: in ``process_before_every_sampling`` (first pass, and each hires call, after Forge has reset
+``forge_objects``) the current UNet patcher is cloned, AlignIT's patches go on the clone and the clone becomes
+``p.sd_model.forge_objects.unet``; Forge drops it with the next reset, so nothing outlives the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from backend import attention
+from modules import shared
+
+from ..concepts import Concept
+from ..engine import ConceptSource, Splicer, TextEncoder
+from ..kv import KVRewriter
+from . import forge_sources, webui_sources
+from .forge_attention import AttentionPatch
+from .forge_encoder import ForgeEncoder
+
+
+class ForgeHost:
+    """``alignit.hosts.webui.Host`` for Forge."""
+
+    def begin(self) -> None:
+        """Nothing to undo: AlignIT's patches only ever sit on UNet clones Forge discards."""
+
+    def encoder(self) -> TextEncoder:
+        return ForgeEncoder(shared.sd_model)
+
+    def resolve(self, concept: Concept, encoder: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:
+        return forge_sources.resolve(concept, encoder, shared.sd_model, lora_scope)
+
+    def install_kv(self, p: Any, splicer: Splicer) -> AttentionPatch | None:
+        concepts, global_kv = splicer.kv_concepts(), splicer.global_kv()
+        if not (concepts or global_kv):
+            return None
+        unet = p.sd_model.forge_objects.unet.clone()
+        patch = AttentionPatch(KVRewriter(concepts, global_kv), attention.attention_function)
+        patch.install(unet)
+        p.sd_model.forge_objects.unet = unet
+        return patch
+
+    def source_choices(self) -> list[str]:
+        return webui_sources.source_choices(forge_sources.embedding_names())

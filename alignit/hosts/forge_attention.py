@@ -1,0 +1,104 @@
+"""Weight-side concepts on Forge: an ``attn2`` patch pair on a cloned UNet patcher, with Forge's patch API.
+
+Forge's ``BasicTransformerBlock._forward`` (backend/nn/unet.py 236-259) runs the ``attn2_patch`` list on the block's
+context, then, when a replace patch is registered for the block, projects ``k = to_k(context)``,
+``v = to_v(value)`` and calls ``replace(q, k, v, extra_options)`` in place of the attention. AlignIT registers:
+
+- an ``attn2_patch`` that only notes the context and value the block is about to project;
+- a replace patch per cross-attention layer the concepts touch, which rewrites the concept rows of ``k``/``v`` (found
+  by value in that context, within the cond rows of the batch) and then calls the patch it found in that slot
+  (IP-Adapter, say) or Forge's ``attention_function``, as the unpatched layer would.
+
+``ModelPatcher.clone`` deep-copies ``model_options``; the patches are closures over one shared state, which
+deepcopy keeps as they are, so a later clone by another extension still reports to this state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..kv import Key, KVRewriter
+
+Attention = Callable[..., torch.Tensor]  # backend.attention.attention_function(q, k, v, heads, mask=None)
+
+_LAYER = re.compile(r"^(?:(input|output)_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def block_key(layer: str) -> tuple[str, int, int]:
+    """Forge's replace-patch key ``(block name, block id, transformer index)`` of an ldm layer path."""
+    match = _LAYER.match(layer)
+    if match is None:
+        raise ValueError(f"{layer} is not a cross-attention layer of an SD UNet")
+    kind, number, index = match.groups()
+    return (kind or "middle", int(number or 0), int(index))
+
+
+def cond_batch_rows(extra_options: dict, batch: int) -> torch.Tensor | None:
+    """Batch rows of the cond chunks: the batch is ``len(cond_or_uncond)`` equal chunks, 0 marking cond
+    (backend/sampling/sampling_function.py 231-257)."""
+    order = extra_options.get("cond_or_uncond")
+    if not order or batch % len(order):
+        return None
+    size = batch // len(order)
+    rows = [chunk * size + i for chunk, kind in enumerate(order) if kind == 0 for i in range(size)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class AttentionPatch:
+    """AlignIT's K/V rewriting installed on one Forge ``UnetPatcher`` for one sampling pass."""
+
+    def __init__(self, rewriter: KVRewriter, attention: Attention):
+        self.rewriter = rewriter
+        self.attention = attention
+        self.active = True
+        self._seen: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # (block, context, value) just observed
+
+    def install(self, unet: Any) -> None:
+        """Register the patches on ``unet`` (a clone the caller owns), wrapping replace patches already there."""
+        replaced = unet.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        unet.set_model_attn2_patch(self._observer())
+        for layer in sorted({layer for layer, _ in self.rewriter.layers}):
+            name, number, index = block_key(layer)
+            inner = replaced.get((name, number, index)) or replaced.get((name, number))
+            unet.set_model_attn2_replace(self._replacement(layer, inner), name, number, index)
+
+    def _observer(self) -> Callable:
+        def observe(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict) -> tuple:
+            if self.active:
+                self._seen = (_where(extra_options), context, context if value is None else value)
+            return n, context, value
+
+        return observe
+
+    def _replacement(self, layer: str, inner: Callable | None) -> Callable:
+        def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+            seen, self._seen = self._seen, None
+            if self.active and seen is not None and seen[0] == _where(extra_options):
+                rows = cond_batch_rows(extra_options, k.shape[0])
+                k = self._rewritten((layer, "k"), seen[1], k, rows)
+                v = self._rewritten((layer, "v"), seen[2], v, rows)
+            if inner is not None:
+                return inner(q, k, v, extra_options)
+            return self.attention(q, k, v, extra_options["n_heads"])
+
+        return replace
+
+    def _rewritten(self, key: Key, context: torch.Tensor, output: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        out = self.rewriter.rewrite(key, context, output, rows)
+        return output if out is None else out
+
+    def unmatched_layers(self) -> list[Key]:
+        return self.rewriter.unmatched_layers()
+
+    def remove(self) -> None:
+        """Make the patches pass-through (Forge drops the patched clone when it resets ``forge_objects``)."""
+        self.active = False
+        self._seen = None
+
+
+def _where(extra_options: dict) -> tuple:
+    return (extra_options.get("block"), extra_options.get("block_index"))

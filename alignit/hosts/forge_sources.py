@@ -1,0 +1,120 @@
+"""Forge: embeddings from the text engines' own databases; LoRA files read safely by AlignIT and mapped with
+Forge's own key maps (``backend/patcher/lora.py``: ``model_lora_keys_unet``/``model_lora_keys_clip``,
+``load_lora``); Custom Diffusion as in ``webui_sources``."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from backend.patcher.lora import load_lora, merge_lora_to_weight, model_lora_keys_clip, model_lora_keys_unet
+
+from ..concepts import Concept, ConceptError, parse_source
+from ..engine import ConceptSource, concept_tokens
+from ..kv import Delta, Dense, Key, LowRank, attn2_modules, check_fits, text_lora
+from ..sources.files import flatten, load_tensors
+from ..sources.names import text_module
+from . import webui_sources
+from .forge_encoder import ForgeEncoder, text_engines
+
+_UNET_KV = re.compile(r"^diffusion_model\.(?P<layer>.+\.attn2)\.to_(?P<proj>[kv])\.weight$")
+
+
+def embedding_names() -> list[str]:
+    """The embeddings the loaded model's first text engine knows (none while no model is loaded)."""
+    from modules import shared
+
+    try:
+        return list(text_engines(shared.sd_model)[0].embeddings.word_embeddings)
+    except Exception:  # no model loaded yet, or one AlignIT does not apply to
+        return []
+
+
+def _delta(patch: tuple, strength: float, weight: torch.Tensor | None, key: str) -> Delta:
+    """A Forge UNet/CLIP patch ``(type, data)`` as ``ΔW`` at ``strength``: a plain LoRA stays low-rank, other types
+    (LoHa, LoKr, DoRA, …) are merged into the base weight by Forge's own ``merge_lora_to_weight``."""
+    kind, data = patch
+    if kind == "lora" and data[3] is None and data[4] is None:
+        up, down, alpha = data[0].float(), data[1].float(), data[2]
+        rank = down.shape[0]
+        scale = alpha / rank if alpha is not None else 1.0
+        return LowRank(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale * strength)
+    if weight is None or not weight.is_floating_point() or weight.ndim != 2:
+        raise ConceptError(f"{key}: a '{kind}' LoRA part needs a plain weight to merge with, and this model's is not")
+    base = weight.detach().float().cpu()
+    return Dense(merge_lora_to_weight([(strength, patch, 1.0, None, None)], base.clone(), key) - base)
+
+
+@contextlib.contextmanager
+def _text_loras(models: list[torch.nn.Module], parts: list[dict[str, Delta]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for model, factors in zip(models, parts):
+            if factors:
+                stack.enter_context(text_lora(model, factors))
+        yield
+
+
+@functools.lru_cache(maxsize=8)
+def _tensors(path: str, mtime: float) -> Mapping[str, torch.Tensor]:
+    return flatten(load_tensors(path))
+
+
+def lora_parts(
+    sd_model: Any, encoder: ForgeEncoder, tensors: Mapping[str, torch.Tensor], strength: float
+) -> tuple[dict[Key, Delta], list[dict[str, Delta]], int]:
+    """A LoRA's cross-attention K/V parts and per text engine parts at ``strength``, and how many of its
+    modules match nothing in this model."""
+    original = sd_model.forge_objects_original
+    unet_model, clip_model = original.unet.model, original.clip.cond_stage_model
+    unet_patches, rest = load_lora(dict(tensors), model_lora_keys_unet(unet_model, {}))
+    clip_patches, rest = load_lora(rest, model_lora_keys_clip(clip_model, {}))
+    parameters = dict(unet_model.named_parameters())
+    kv: dict[Key, Delta] = {}
+    for key, patch in unet_patches.items():
+        match = _UNET_KV.match(key)
+        if match:
+            kv[(match["layer"], match["proj"])] = _delta(patch, strength, parameters.get(key), key)
+    clip_parameters = dict(clip_model.named_parameters())
+    text: list[dict[str, Delta]] = []
+    for engine in encoder.engines:
+        prefix = f"{engine.embedding_key}.transformer."
+        text.append(
+            {
+                text_module(key[len(prefix) : -len(".weight")]): _delta(patch, strength, clip_parameters.get(key), key)
+                for key, patch in clip_patches.items()
+                if key.startswith(prefix) and key.endswith(".weight")
+            }
+        )
+    unmatched = len({key.split(".")[0] for key in rest if not key.endswith(".alpha")})
+    return kv, text, unmatched
+
+
+def resolve(concept: Concept, encoder: ForgeEncoder, sd_model: Any, lora_scope: str) -> ConceptSource:
+    """The concept's source, checked against the loaded model; ConceptError says what is wrong."""
+    spec = parse_source(concept)
+    if spec.kind == "embedding":
+        embedding = webui_sources.find_embedding(concept, encoder.engines[0].embeddings)
+        return ConceptSource.embedding(embedding.name, int(embedding.vectors), embedding)
+    modules = attn2_modules(sd_model.forge_objects.unet.model.diffusion_model)
+    if spec.kind == "cd":
+        return webui_sources.resolve_custom_diffusion(concept, encoder, modules)
+    path = webui_sources.lora_file(concept)
+    kv, text, unmatched = lora_parts(sd_model, encoder, _tensors(path, os.path.getmtime(path)), spec.weight)
+    if not kv and not any(text):
+        why = "was made for another model family" if unmatched else "has no attn2 to_k/to_v or text-encoder weights"
+        raise ConceptError(f"LoRA '{spec.name}' {why}: AlignIT cannot confine it to the concept")
+    check_fits(f"LoRA '{spec.name}'", kv, modules)
+    tokens, fixes = concept_tokens(encoder, concept.trigger, {})
+    return ConceptSource(
+        f"lora:{spec.name}",
+        tokens,
+        fixes,
+        text_patch=functools.partial(_text_loras, encoder.text_models, text) if any(text) else None,
+        kv=kv if lora_scope == "kv" else {},
+        global_kv=kv if lora_scope == "full" else {},
+    )

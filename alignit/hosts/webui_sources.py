@@ -1,0 +1,91 @@
+"""Where a concept's source is found in either WebUI: embedding databases of the same shape, the built-in Lora
+extension's list (``networks``, in both), and AlignIT's Custom Diffusion folder (setting
+``alignit_custom_diffusion_dir``, default ``models/CustomDiffusion``)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from modules import paths, shared
+
+from ..concepts import Concept, ConceptError, parse_source
+from ..engine import ConceptSource, concept_tokens
+from ..kv import Key, check_fits
+from ..sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
+
+CD_DIR_OPTION = "alignit_custom_diffusion_dir"
+
+
+def custom_diffusion_dir() -> Path:
+    return Path(getattr(shared.opts, CD_DIR_OPTION, "") or Path(paths.models_path) / "CustomDiffusion")
+
+
+def custom_diffusion_files() -> dict[str, Path]:
+    folder = custom_diffusion_dir()
+    if not folder.is_dir():
+        return {}
+    return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix in EXTENSIONS}
+
+
+def lora_files() -> dict[str, str]:
+    """Name → file of every LoRA the built-in Lora extension lists (empty when it is not loaded)."""
+    try:
+        import networks  # the built-in Lora extension's module, importable once it has loaded
+    except ImportError:
+        return {}
+    return {name: network.filename for name, network in networks.available_network_aliases.items()}
+
+
+def lora_file(concept: Concept) -> str:
+    """The file of the LoRA a concept names; ConceptError when the WebUI does not list it."""
+    name = parse_source(concept).name
+    path = lora_files().get(name)
+    if path is None:
+        raise ConceptError(f"concept '{concept.trigger}': no LoRA named '{name}' in the WebUI's LoRA list")
+    return path
+
+
+def source_choices(embedding_names: Iterable[str]) -> list[str]:
+    """Every source a concept row can name: embeddings, ``lora:NAME`` and ``cd:NAME``."""
+    embeddings = sorted(embedding_names, key=str.lower)
+    return ["", *embeddings, *(f"lora:{name}" for name in sorted(lora_files())), *(f"cd:{n}" for n in custom_diffusion_files())]
+
+
+def find_embedding(concept: Concept, database: Any) -> Any:
+    """The embedding a concept names (its source, else its trigger with or without angle brackets), from a
+    database with ``word_embeddings`` and ``skipped_embeddings`` (both WebUIs' ``EmbeddingDatabase``)."""
+    names = [concept.source_name]
+    if not concept.source.strip():
+        names.append(concept.trigger.strip().strip("<>"))
+    for name in names:
+        embedding = database.word_embeddings.get(name) or next(
+            (e for key, e in database.word_embeddings.items() if key.lower() == name.lower()), None
+        )
+        if embedding is not None:
+            return embedding
+        if name in database.skipped_embeddings:
+            raise ConceptError(f"concept '{concept.trigger}': embedding '{name}' was made for another model family")
+    raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")
+
+
+@functools.lru_cache(maxsize=8)
+def _custom_diffusion(path: str, mtime: float) -> CustomDiffusionDelta:
+    return load_custom_diffusion(path)
+
+
+def resolve_custom_diffusion(concept: Concept, encoder: Any, modules: dict[Key, Any]) -> ConceptSource:
+    """A ``cd:NAME`` concept: the delta's K/V weights, checked against the UNet's modules, and its modifier tokens."""
+    name = parse_source(concept).name
+    path = custom_diffusion_files().get(name)
+    if path is None:
+        raise ConceptError(f"concept '{concept.trigger}': no Custom Diffusion delta '{name}' in {custom_diffusion_dir()}")
+    delta = _custom_diffusion(str(path), path.stat().st_mtime)
+    check_fits(f"Custom Diffusion delta '{name}'", delta.kv, modules)
+    for token, vectors in delta.modifier_tokens.items():
+        if vectors.shape[-1] != encoder.width:
+            raise ConceptError(f"'{name}': modifier token {token} is {vectors.shape[-1]} wide, this text encoder {encoder.width}")
+    tokens, fixes = concept_tokens(encoder, concept.trigger, delta.modifier_tokens)
+    return ConceptSource(f"cd:{name}", tokens, fixes, kv=delta.kv)
