@@ -1,0 +1,199 @@
+"""The order in which Forge (main dfdcbab6) runs a generation, driven against the contract in tests/contract.
+
+Mirrors modules/processing.py: ``process`` (907) → per batch: ``forge_objects`` reset to the original ones (937),
+prompts sliced, ``before_process_batch`` (952), extra networks parsed and activated (954-955; the Lora extension
+clones the UNet and CLIP patchers with the LoRA's patches, merged into the weights when the model loads: here
+``webui_flow.loras_applied``), ``forge_objects = forge_objects_after_applying_lora`` (957), ``process_batch`` (960),
+``setup_conds`` (962, caches of three entries, 442-488); txt2img sampling (1373-1381): ``forge_objects`` reset to
+``forge_objects_after_applying_lora``, ``process_before_every_sampling(c=…)``, then the sampler runs
+``forge_objects.unet``; hires: extra networks activated again (1506), ``calculate_hr_conds`` (1509),
+``process_before_every_sampling`` (1510), a reset (1518), ``process_before_every_sampling`` again (1522); then
+``postprocess_batch``.
+
+The sampler (backend/sampling/sampling_function.py 160-257) batches uncond and cond chunks of ``batch_size`` rows,
+uncond first, with ``cond_or_uncond`` ([1, 0]) in ``transformer_options``; contexts of unequal lengths are tiled to
+their LCM (condition.py 45-72). The ldm UNet's cross-attention runs as Forge's ``BasicTransformerBlock._forward``
+(backend/nn/unet.py 236-259): the ``attn2_patch`` list on ``(n, context, value)``, then the replace patch of
+``(block, id, transformer index)`` or ``(block, id)`` on the projected ``q, k, v``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from types import SimpleNamespace
+
+import torch
+from backend.patcher.base import ModelPatcher
+from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+from modules import extra_networks, prompt_parser, shared
+from webui_flow import Processing, loras_applied
+
+from alignit.hosts import webui as flow
+from alignit.hosts.forge import ForgeHost
+
+HOST = ForgeHost()
+_ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.attn2$")
+
+
+class KModel(torch.nn.Module):
+    """backend/modules/k_model.py: the patcher's ``model``, holding ``diffusion_model``."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class ForgeObjects(SimpleNamespace):
+    """backend/diffusion_engine/base.py ``ForgeObjects`` with ``shallow_copy``."""
+
+    def shallow_copy(self):
+        return ForgeObjects(**vars(self))
+
+
+class FakeForgeModel:
+    """``shared.sd_model`` of an SD1.5 checkpoint in Forge (backend/diffusion_engine/sd15.py): the classic text
+    engine, ``forge_objects`` (unet, clip), ``set_clip_skip``, ``get_learned_conditioning``."""
+
+    is_sd1, is_sd2, is_sdxl, is_sd3 = True, False, False, False
+
+    def __init__(self, text_model, tokenizer, unet):
+        self.text_processing_engine = ClassicTextProcessingEngine(text_model, tokenizer, "clip_l")
+        clip_model = torch.nn.ModuleDict({"clip_l": torch.nn.Module()})
+        clip_model["clip_l"].transformer = text_model
+        clip = SimpleNamespace(patcher=ModelPatcher(clip_model), cond_stage_model=clip_model)
+        self.unet = unet
+        self.forge_objects = ForgeObjects(unet=ModelPatcher(KModel(unet)), clip=clip)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+    def set_clip_skip(self, clip_skip):
+        self.text_processing_engine.clip_skip = clip_skip
+
+    def get_learned_conditioning(self, texts):
+        with torch.no_grad():
+            return self.text_processing_engine(texts)
+
+
+def _forge_attn2(module, block, index, transformer_options, x, context=None, mask=None):
+    """backend/nn/unet.py 236-259 for one ldm ``CrossAttention``."""
+    patches = transformer_options.get("patches", {})
+    replace = transformer_options.get("patches_replace", {}).get("attn2", {})
+    extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
+    extra |= {"block": block, "block_index": index, "n_heads": module.heads, "dim_head": module.to_q.out_features // module.heads}
+    n, value = x, None
+    if "attn2_patch" in patches:
+        value = context
+        for patch in patches["attn2_patch"]:
+            n, context, value = patch(n, context, value, extra)
+    key = (block[0], block[1], index) if (block[0], block[1], index) in replace else block
+    if key not in replace:
+        return type(module).forward(module, n, context=context)
+    value = context if value is None else value
+    out = replace[key](module.to_q(n), module.to_k(context), module.to_v(value), extra)
+    return module.to_out(out)
+
+
+@contextlib.contextmanager
+def forge_attention(unet, transformer_options):
+    """The ldm UNet's cross-attention layers run with Forge's patch semantics while the block runs."""
+    swapped = []
+    for name, module in unet.named_modules():
+        match = _ATTN2.match(name)
+        if match:
+            kind, number, index = match.groups()
+            block = (kind or "middle", int(number or 0))
+            module.forward = lambda x, context=None, mask=None, m=module, b=block, i=int(index): _forge_attn2(
+                m, b, i, transformer_options, x, context, mask
+            )
+            swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def _crossattn(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+class ForgeProcessing(Processing):
+    """Processing with Forge's three-entry caches and Forge's sampler batching."""
+
+    cached_c = [None, None, None]
+    cached_uc = [None, None, None]
+    cached_hr_c = [None, None, None]
+
+    def __init__(self, *args, uc_chunks=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.uc_chunks = uc_chunks
+        self.seen_options: list[dict] = []
+
+    @property
+    def sd_model(self):
+        return shared.sd_model
+
+    def sample(self, c, steps):
+        """Per step: the UNet on uncond ‖ cond (tiled to their LCM), with the current ``forge_objects.unet``."""
+        outputs = []
+        patcher = self.sd_model.forge_objects.unet
+        for step in range(steps):
+            if step == self.fail_at_step:
+                raise RuntimeError("sampling failed")
+            _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
+            cond = _crossattn(cond)
+            uncond = torch.zeros(cond.shape[0], 77 * self.uc_chunks, cond.shape[-1])
+            length = math.lcm(cond.shape[1], uncond.shape[1])
+            context = torch.cat([uncond.repeat(1, length // uncond.shape[1], 1), cond.repeat(1, length // cond.shape[1], 1)])
+            options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0])
+            self.seen_options.append(options)
+            x = torch.randn(context.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(step))
+            with torch.no_grad(), forge_attention(patcher.model.diffusion_model, options):
+                outputs.append(patcher.model.diffusion_model(x, torch.full((context.shape[0],), 500), context=context))
+            outputs.append(cond)
+        self.sampled.append(outputs)
+
+
+def generate(p: ForgeProcessing, script_args=None, before_sampling=()) -> ForgeProcessing:
+    """One txt2img run in Forge's order; ``before_sampling`` callables run as earlier scripts' hooks (IP-Adapter)."""
+    model = shared.sd_model
+    hooks = script_args is not None
+    if hooks:
+        flow.process(p, HOST, script_args)
+    for n in range(0, len(p.all_prompts), p.batch_size):
+        model.forge_objects = model.forge_objects_original.shallow_copy()
+        p.prompts = p.all_prompts[n : n + p.batch_size]
+        p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
+        if hooks:
+            flow.set_lora_tags(p)
+        p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
+        if p.enable_hr:
+            p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[n : n + p.batch_size])
+        with loras_applied(p.extra_network_data):
+            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
+            if hooks:
+                flow.prepare_batch(p)
+            p.setup_conds()
+            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
+            for hook in before_sampling:
+                hook(p)
+            if hooks:
+                flow.before_sampling(p, p.c)
+            p.sample(p.c, p.steps)
+        if p.enable_hr:
+            with loras_applied(p.hr_extra_network_data):
+                p.is_hr_pass = True
+                p.calculate_hr_conds()
+                if hooks:
+                    flow.before_sampling(p, p.hr_c)
+                model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
+                for hook in before_sampling:
+                    hook(p)
+                if hooks:
+                    flow.before_sampling(p, p.hr_c)
+                p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
+                p.is_hr_pass = False
+        if hooks:
+            flow.finish_batch(p)
+    return p

@@ -1,0 +1,234 @@
+"""The Forge glue (alignit.hosts.forge) in Forge's hook order against the contract in tests/contract: the text-side
+splice, the attn2 patches on a cloned UNet patcher (exact K/V, cond rows only, LCM tiling, hires, coexisting with an
+earlier replace patch), LoRA through Forge's key maps, and nothing left behind."""
+
+from types import SimpleNamespace
+
+import networks
+import pytest
+import torch
+import torch.nn.functional as F
+import webui_flow
+from backend import attention
+from forge_flow import FakeForgeModel, ForgeProcessing, generate
+from ldm_parts import tiny_sd15_unet, weights_digest
+from modules import sd_hijack, shared
+from safetensors.torch import save_file
+from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
+
+from alignit.hosts import webui as flow
+from alignit.hosts.forge_attention import block_key, cond_batch_rows
+from alignit.kv import ConceptKV, KVInjector, LowRank, attn2_modules
+
+LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
+CD = ["<new1> cat", "cat", "cd:mycat", 1.0]
+EMBEDDING = ["sks", "cat", "", 1.0]
+
+
+def args(*rows, scope="kv"):
+    return [True, 0.0, 1.0, "*", scope, *[cell for row in rows for cell in row]]
+
+
+@pytest.fixture
+def forge(text_model, tokenizer, vectors, tmp_path, monkeypatch):
+    unet = tiny_sd15_unet()
+    model = FakeForgeModel(text_model, tokenizer, unet)
+    monkeypatch.setattr(shared, "sd_model", model)
+    engine = model.text_processing_engine
+    engine.embeddings.register_embedding(sd_hijack.Embedding(vectors(2), "sks"), engine.tokenize(["sks"])[0])
+    factors, text = random_factors(unet), random_text_factors(text_model)
+    save_file(lora_state(factors, text, "kohya_ldm"), str(tmp_path / "ohwx_lora.safetensors"))
+    loha = {}
+    for (layer, proj), (down, up, alpha) in factors.items():
+        base = "lora_unet_" + f"{layer}.to_{proj}".replace(".", "_")
+        loha |= {f"{base}.hada_w1_a": up, f"{base}.hada_w1_b": down, f"{base}.alpha": alpha}
+        loha |= {f"{base}.hada_w2_a": up * 0.5, f"{base}.hada_w2_b": down.clone()}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    aliases = {name: SimpleNamespace(filename=str(tmp_path / f"{name}.safetensors")) for name in ("ohwx_lora", "loha")}
+    monkeypatch.setattr(networks, "available_network_aliases", aliases)
+    cd_dir = tmp_path / "cd"
+    cd_dir.mkdir()
+    cd_weights = random_cd_weights(unet)
+    modifier = torch.randn(1, 32, generator=torch.Generator().manual_seed(9))
+    torch.save(cd_state(cd_weights, modifier, "delta_bin"), cd_dir / "mycat.bin")
+    monkeypatch.setattr(shared.opts, "alignit_custom_diffusion_dir", str(cd_dir), raising=False)
+    ForgeProcessing.cached_c, ForgeProcessing.cached_uc = [None, None, None], [None, None, None]
+    return SimpleNamespace(unet=unet, model=model, factors=factors, cd=cd_weights, modifier=modifier)
+
+
+def recorder(seen: list):
+    """An earlier extension's attn2 replace patch on every layer, keyed ``(block, id)`` as IP-Adapter does for SD1.5
+    (IPAdapterPlus.py 764-769): it records the k/v it is handed and attends."""
+
+    def hook(p):
+        unet = p.sd_model.forge_objects.unet.clone()
+        for layer, _ in attn2_modules(unet.model.diffusion_model):
+            name, number, _index = block_key(layer)
+
+            def replace(q, k, v, extra_options, layer=layer):
+                seen.append((layer, k.clone(), v.clone(), extra_options))
+                return attention.attention_function(q, k, v, extra_options["n_heads"])
+
+            unet.set_model_attn2_replace(replace, name, number)
+        p.sd_model.forge_objects.unet = unet
+
+    return hook
+
+
+def projection(forge, layer, proj, x):
+    return F.linear(x, attn2_modules(forge.unet)[(layer, proj)].weight)
+
+
+def test_block_keys_and_cond_rows():
+    assert block_key("input_blocks.4.1.transformer_blocks.1.attn2") == ("input", 4, 1)
+    assert block_key("middle_block.1.transformer_blocks.0.attn2") == ("middle", 0, 0)
+    assert block_key("output_blocks.11.1.transformer_blocks.0.attn2") == ("output", 11, 0)
+    assert cond_batch_rows({"cond_or_uncond": [1, 0]}, 4).tolist() == [2, 3]
+    assert cond_batch_rows({"cond_or_uncond": [0, 1, 0]}, 3).tolist() == [0, 2]
+    assert cond_batch_rows({}, 2) is None
+
+
+def test_embedding_concept_is_spliced_with_the_engine(forge, encoder, vectors):
+    plain = generate(ForgeProcessing(["a photo of cat"], steps=1))
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    assert p.prompts == ["a photo of cat"]
+    cond, want_plain = p.sampled[0][1][0], plain.sampled[0][1][0]
+    assert torch.equal(cond[:4], want_plain[:4]) and torch.equal(cond[6:], torch.cat([want_plain[5:75], want_plain[76:]]))
+    dummy = [encoder.id_start, *encoder.tokenize(["* * *"])[0], 0, 0] + [encoder.id_end] * 71
+    with torch.no_grad():
+        concept = encoder.encode_chunk(dummy, [1.0] * 77, [(3, vectors(2))])[4:6]
+    assert torch.equal(cond[4:6], concept)
+    assert forge.model.text_processing_engine.embeddings.fixes is None  # taken by the engine, as Forge does
+    assert "AlignIT warning" not in p.extra_generation_params
+
+
+def test_lora_keys_values_match_the_a1111_hooks_exactly(forge):
+    seen = []
+    digest = weights_digest(forge.unet)
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), args(LORA), before_sampling=[recorder(seen)])
+    assert "AlignIT warning" not in p.extra_generation_params
+    assert len(seen) == 2 * 16
+    generation = getattr(p, flow.STATE_ATTRIBUTE)
+    concepts = generation.splicer.kv_concepts()
+    context = torch.cat([torch.zeros(1, 77, 32), p.sampled[0][1]])  # uncond ‖ cond, as the sampler batches them
+    for layer, k, v, extra in seen:
+        assert extra["cond_or_uncond"] == [1, 0]
+        for proj, got in (("k", k), ("v", v)):
+            module = attn2_modules(forge.unet)[(layer, proj)]
+            with torch.no_grad(), KVInjector(forge.unet, concepts):
+                want = module(context)
+            assert torch.equal(got, want)  # the same rows as A1111's forward hooks write
+            base = projection(forge, layer, proj, context)
+            assert torch.equal(got[0], base[0])  # uncond untouched
+            assert torch.equal(got[1, :4], base[1, :4]) and torch.equal(got[1, 5:], base[1, 5:])  # "ohwx": one token
+            down, up, alpha = forge.factors[(layer, proj)]
+            delta = LowRank(down, up, float(alpha) / 2).times(0.8).delta(context[1, 4:5])
+            torch.testing.assert_close(got[1, 4:5], base[1, 4:5] + delta, rtol=1e-5, atol=1e-6)
+    assert weights_digest(forge.unet) == digest
+    assert forge.model.forge_objects_original.unet.model_options == {"transformer_options": {}}
+
+
+def test_only_cond_rows_change_and_tiled_rows_too(forge):
+    seen = []
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1, uc_chunks=2), args(LORA), before_sampling=[recorder(seen)])
+    cond = p.sampled[0][1]
+    layer, k, _, _ = seen[0]
+    base = projection(forge, layer, "k", torch.cat([torch.zeros(1, 154, 32), cond.repeat(1, 2, 1)]))
+    assert torch.equal(k[0], base[0])
+    for start in (4, 81):  # the cond context is tiled to 154 rows: the concept is at t and t + 77
+        assert not torch.equal(k[1, start], base[1, start])
+        assert torch.equal(k[1, start + 1 : start + 10], base[1, start + 1 : start + 10])
+
+
+def test_rows_in_uncond_are_left_alone(forge):
+    from alignit.hosts.forge_attention import AttentionPatch
+    from alignit.kv import KVRewriter
+
+    layer = "input_blocks.1.1.transformer_blocks.0.attn2"
+    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    lora = {(layer, "k"): LowRank(torch.randn(2, 32), torch.randn(32, 2), 1.0)}
+    patch = AttentionPatch(KVRewriter([ConceptKV(rows, lora)]), attention.attention_function)
+    context = torch.zeros(2, 77, 32)
+    context[:, 5:7] = rows  # the concept rows in both, but row 0 is uncond
+    k = projection(forge, layer, "k", context)
+    got = patch._rewritten((layer, "k"), context, k, cond_batch_rows({"cond_or_uncond": [1, 0]}, 2))
+    assert torch.equal(got[0], k[0]) and not torch.equal(got[1, 5:7], k[1, 5:7])
+
+
+def test_hires_pass_gets_the_patch_again(forge):
+    seen = []
+    p = ForgeProcessing(["a photo of ohwx"], steps=1, hr_prompts=["a photo of ohwx"], hr_steps=1)
+    p = generate(p, args(LORA), before_sampling=[recorder(seen)])
+    assert len(seen) == 2 * 16  # first pass and hires pass, each through the recorder after AlignIT's rewrite
+    hires = [k for layer, k, _, _ in seen[16:]]
+    first = [k for layer, k, _, _ in seen[:16]]
+    assert all(torch.equal(a, b) for a, b in zip(first, hires))
+    assert "AlignIT warning" not in p.extra_generation_params
+
+
+def test_custom_diffusion_and_full_scope(forge):
+    seen = []
+    p = generate(ForgeProcessing(["a <new1> cat"], steps=1), args(CD), before_sampling=[recorder(seen)])
+    assert p.prompts == ["a cat"]
+    cond = p.sampled[0][1][0]
+    for layer, k, v, _ in seen:  # "<new1> cat": the modifier vector and "cat" at rows 2-3, W_cd·c' there
+        for proj, got in (("k", k), ("v", v)):
+            torch.testing.assert_close(got[1, 2:4], F.linear(cond[2:4], forge.cd[(layer, proj)]), rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[1, 4:], projection(forge, layer, proj, cond[4:]))
+    seen.clear()
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), args(LORA, scope="full"), before_sampling=[recorder(seen)])
+    assert "AlignIT warning" not in p.extra_generation_params
+    layer, k, _, _ = seen[0]
+    cond = p.sampled[0][1]
+    base = projection(forge, layer, "k", cond)
+    torch.testing.assert_close(k[1, 5:], base[0, 5:], rtol=1e-5, atol=1e-5)  # the LoRA taken back out
+    down, up, alpha = forge.factors[(layer, "k")]
+    want = base[0, 4:5] + LowRank(down, up, float(alpha) / 2).times(0.8).delta(cond[0, 4:5])
+    torch.testing.assert_close(k[1, 4:5], want, rtol=1e-5, atol=1e-5)
+
+
+def test_loha_is_merged_with_forges_own_maths(forge):
+    seen = []
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:loha", 1.0]), [recorder(seen)])
+    assert "AlignIT warning" not in p.extra_generation_params
+    layer, k, _, _ = seen[0]
+    down, up, alpha = forge.factors[(layer, "k")]
+    delta_w = (up @ down) * (0.5 * up @ down) * float(alpha) / 2
+    cond = p.sampled[0][1][0]
+    want = projection(forge, layer, "k", cond[4:5]) + F.linear(cond[4:5], delta_w)
+    torch.testing.assert_close(k[1, 4:5], want, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_is_left_after_a_failed_generation(forge):
+    plain = generate(ForgeProcessing(["a photo of a man"], steps=1))
+    p = ForgeProcessing(["a photo of ohwx"], steps=2)
+    p.fail_at_step = 1
+    with pytest.raises(RuntimeError):
+        generate(p, args(LORA))
+    assert forge.model.forge_objects_original.unet.model_options == {"transformer_options": {}}
+    assert forge.model.forge_objects_after_applying_lora.unet.model_options == {"transformer_options": {}}
+    again = generate(ForgeProcessing(["a photo of a man"], steps=1))
+    assert all(torch.equal(a, b) for a, b in zip(plain.sampled[0], again.sampled[0]))
+
+
+def test_flux_and_sd3_are_refused_with_a_message(forge, monkeypatch):
+    monkeypatch.setattr(forge.model, "is_sd1", False)
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
+    assert p.prompts == ["a photo of sks"]
+    monkeypatch.setattr(forge.model, "is_sd3", True)
+    monkeypatch.setattr(forge.model, "is_sdxl", True)
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
+
+
+def test_same_conditioning_as_on_a1111(forge, text_model, tokenizer, monkeypatch):
+    """The same prompt through both hosts' flows gives bit-identical spliced conditioning."""
+    forge_p = generate(ForgeProcessing(["sks on a sofa, (sks:1.2) again", "a dog"], steps=2, batch_size=2), args(EMBEDDING))
+    engine = forge.model.text_processing_engine
+    monkeypatch.setattr(shared, "sd_model", webui_flow.FakeModel(text_model, tokenizer))
+    monkeypatch.setattr(sd_hijack.model_hijack, "embedding_db", engine.embeddings)
+    monkeypatch.setattr(webui_flow.Processing, "cached_c", [None, None])
+    prompts = ["sks on a sofa, (sks:1.2) again", "a dog"]
+    a1111_p = webui_flow.generate(webui_flow.Processing(prompts, steps=2, batch_size=2), args(EMBEDDING))
+    assert torch.equal(forge_p.sampled[0][1], a1111_p.sampled[0][0])
