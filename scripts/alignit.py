@@ -18,6 +18,13 @@ from alignit.hosts.webui_sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
 HOST = current_host()
+MODELS = "Works with SD1.x, SD2.x and SDXL checkpoints; not with Flux or SD3, which have no UNet cross-attention."
+
+
+def model_note() -> str:
+    """The accordion's note: which models AlignIT applies to, and whether the loaded one is among them."""
+    problem = webui.model_problem(HOST)
+    return MODELS if problem is None else f"{MODELS}\n\n**The loaded model:** {problem}; AlignIT stays off."
 
 
 class AlignITScript(scripts.Script):
@@ -33,6 +40,7 @@ class AlignITScript(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Accordion(TITLE, open=False, elem_id=f"alignit_{tab}"):
             enabled = gr.Checkbox(False, label="Enable AlignIT", elem_id=f"alignit_{tab}_enabled")
+            note = gr.Markdown(MODELS, elem_id=f"alignit_{tab}_note")
             rows = []
             for i in range(alignit_args.ROWS):
                 with gr.Row():
@@ -71,6 +79,7 @@ class AlignITScript(scripts.Script):
                 refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
         refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
+        enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
 
         components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
 

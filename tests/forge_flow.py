@@ -51,28 +51,62 @@ class ForgeObjects(SimpleNamespace):
         return ForgeObjects(**vars(self))
 
 
+class NestedCLIPTextModel(torch.nn.Module):
+    """A CLIP text model as Forge holds it in ``clip_l.transformer``: transformers 4.46.1 (Forge's pin) nests the
+    layers under ``text_model``, which Forge's LoRA key maps name (``clip_l.transformer.text_model.encoder…``); the
+    transformers these tests run has them at the top."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.text_model = model
+        self.config = model.config
+
+
 class FakeForgeModel:
     """``shared.sd_model`` of an SD1.5 checkpoint in Forge (backend/diffusion_engine/sd15.py): the classic text
-    engine, ``forge_objects`` (unet, clip), ``set_clip_skip``, ``get_learned_conditioning``."""
+    engine, ``forge_objects`` (unet, clip: ``cond_stage_model`` holds ``clip_l.transformer``), ``set_clip_skip``,
+    ``get_learned_conditioning``."""
 
     is_sd1, is_sd2, is_sdxl, is_sd3 = True, False, False, False
+    engine_names = {"clip_l": "text_processing_engine"}
 
-    def __init__(self, text_model, tokenizer, unet):
-        self.text_processing_engine = ClassicTextProcessingEngine(text_model, tokenizer, "clip_l")
-        clip_model = torch.nn.ModuleDict({"clip_l": torch.nn.Module()})
-        clip_model["clip_l"].transformer = text_model
+    def __init__(self, text_models: dict, tokenizer, unet):
+        clip_model = torch.nn.ModuleDict({key: torch.nn.Module() for key in text_models})
+        for key, text_model in text_models.items():
+            clip_model[key].transformer = NestedCLIPTextModel(text_model)
+            engine = ClassicTextProcessingEngine(text_model, tokenizer, key)
+            engine.text_encoder.transformer = clip_model[key].transformer
+            setattr(self, self.engine_names[key], engine)
         clip = SimpleNamespace(patcher=ModelPatcher(clip_model), cond_stage_model=clip_model)
         self.unet = unet
         self.forge_objects = ForgeObjects(unet=ModelPatcher(KModel(unet)), clip=clip)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
 
+    def engines(self):
+        return [getattr(self, name) for name in self.engine_names.values()]
+
     def set_clip_skip(self, clip_skip):
-        self.text_processing_engine.clip_skip = clip_skip
+        for engine in self.engines():
+            engine.clip_skip = clip_skip
 
     def get_learned_conditioning(self, texts):
         with torch.no_grad():
             return self.text_processing_engine(texts)
+
+
+class FakeForgeSDXLModel(FakeForgeModel):
+    """backend/diffusion_engine/sdxl.py 85-121: ``crossattn`` = CLIP-L ‖ OpenCLIP-G rows, ``vector`` = the pooled
+    OpenCLIP-G row (here the EOS row of the first chunk) and the size embeddings (zeros)."""
+
+    is_sd1, is_sdxl = False, True
+    engine_names = {"clip_l": "text_processing_engine_l", "clip_g": "text_processing_engine_g"}
+
+    def get_learned_conditioning(self, texts):
+        with torch.no_grad():
+            rows_l, rows_g = self.text_processing_engine_l(texts), self.text_processing_engine_g(texts)
+        vector = torch.cat([rows_g[:, 76], torch.zeros(rows_g.shape[0], 8)], dim=-1)
+        return {"crossattn": torch.cat([rows_l, rows_g], dim=-1), "vector": vector}
 
 
 def _forge_attn2(module, block, index, transformer_options, x, context=None, mask=None):

@@ -4,6 +4,7 @@ earlier replace patch), LoRA through Forge's key maps, and nothing left behind."
 
 from types import SimpleNamespace
 
+import forge_flow
 import networks
 import pytest
 import torch
@@ -32,7 +33,7 @@ def args(*rows, scope="kv"):
 @pytest.fixture
 def forge(text_model, tokenizer, vectors, tmp_path, monkeypatch):
     unet = tiny_sd15_unet()
-    model = FakeForgeModel(text_model, tokenizer, unet)
+    model = FakeForgeModel({"clip_l": text_model}, tokenizer, unet)
     monkeypatch.setattr(shared, "sd_model", model)
     engine = model.text_processing_engine
     engine.embeddings.register_embedding(sd_hijack.Embedding(vectors(2), "sks"), engine.tokenize(["sks"])[0])
@@ -212,7 +213,9 @@ def test_nothing_is_left_after_a_failed_generation(forge):
 
 
 def test_flux_and_sd3_are_refused_with_a_message(forge, monkeypatch):
+    assert flow.model_problem(forge_flow.HOST) is None
     monkeypatch.setattr(forge.model, "is_sd1", False)
+    assert "applies to SD1.x, SD2.x and SDXL models" in flow.model_problem(forge_flow.HOST)
     p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
     assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["a photo of sks"]

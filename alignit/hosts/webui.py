@@ -66,6 +66,17 @@ class Host(Protocol):
         ...
 
 
+def model_problem(host: Host) -> str | None:
+    """Why AlignIT cannot work with the loaded model, or None when it can (or no model is loaded yet)."""
+    if getattr(shared, "sd_model", None) is None:
+        return None
+    try:
+        host.encoder()
+    except Unsupported as error:
+        return str(error)
+    return None
+
+
 def _total_steps(sampler_name: str | None, steps: int) -> int:
     config = sd_samplers.find_sampler_config(sampler_name)
     return config.total_steps(steps) if config else steps

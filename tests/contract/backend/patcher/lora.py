@@ -2,9 +2,9 @@
 (l.32-212: ``patch_dict[model key] = ("lora", (up, down, alpha, mid, dora_scale))`` or ``("loha", (w1a, w1b, alpha,
 w2a, w2b, t1, t2, dora_scale))``, and the keys it did not use), ``model_lora_keys_unet`` (l.286: ``lora_unet_`` +
 the ldm path and the bare ``diffusion_model.`` path; the real one also maps diffusers names, which
-tests/test_forge_integration.py exercises), ``model_lora_keys_clip`` (l.215: kohya ``lora_te_`` names of
-``clip_l``), and ``merge_lora_to_weight`` (backend/patcher/lora.py 97-300: ``W + s·(α/r)·up@down`` for "lora",
-``W + s·(α/r)·(w1a@w1b)*(w2a@w2b)`` for "loha")."""
+tests/test_forge_integration.py exercises), ``model_lora_keys_clip`` (l.215-257: kohya ``lora_te_``/``lora_te1_``
+names of ``clip_l``, ``lora_te2_`` of ``clip_g``), and ``merge_lora_to_weight`` (backend/patcher/lora.py 97-300:
+``W + s·(α/r)·up@down`` for "lora", ``W + s·(α/r)·(w1a@w1b)*(w2a@w2b)`` for "loha")."""
 
 import torch
 
@@ -44,6 +44,10 @@ def model_lora_keys_clip(model, key_map={}):  # noqa: B006 - the real signature
             k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
             if k in sdk:
                 key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_name}"] = k
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_name}"] = k
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk:
+                key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_name}"] = k
     return key_map
 
 
