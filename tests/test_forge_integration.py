@@ -1,0 +1,31 @@
+"""End to end against a real Stable Diffusion WebUI Forge, started here, through its API (cases: webui_cases.py).
+
+Skipped unless ``ALIGNIT_FORGE_DIR`` names a Forge folder that starts offline on the CPU. ``ALIGNIT_FORGE_PYTHON``
+is the Python to start it with (default: the folder's ``venv/bin/python``), ``ALIGNIT_FORGE_ARGS`` adds launch
+arguments (a ``--ckpt`` for instance), ``ALIGNIT_FORGE_LOG`` keeps the server's log.
+
+On Forge the cases also show: p' goes through Forge's own text engines (its ``tokenize_line`` agrees with AlignIT's
+layout), the K/V patches on the cloned UNet meet the concept rows in every layer under Forge's sampler (its
+``cond_or_uncond`` batching), a LoRA with diffusers module names is mapped by Forge's own key maps, and the patched
+clone does not outlive the generation (plain images before and after are byte-identical).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from webui_cases import *  # noqa: F403 - the shared end-to-end cases
+from webui_server import running_webui
+
+WEBUI = os.environ.get("ALIGNIT_FORGE_DIR")
+pytestmark = pytest.mark.skipif(not WEBUI, reason="ALIGNIT_FORGE_DIR is not set")
+CPU = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--always-cpu", "--skip-version-check"]
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    folder = Path(WEBUI)
+    python = os.environ.get("ALIGNIT_FORGE_PYTHON", str(folder / "venv" / "bin" / "python"))
+    log = Path(os.environ.get("ALIGNIT_FORGE_LOG", tmp_path_factory.mktemp("forge") / "server.log"))
+    with running_webui(folder, python, CPU + os.environ.get("ALIGNIT_FORGE_ARGS", "").split(), log) as url:
+        yield url
