@@ -39,7 +39,7 @@ from webui_flow import FakeModel, FakeSDXLModel, Processing, generate  # noqa: E
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors  # noqa: E402
 
 from alignit import kv  # noqa: E402
-from alignit.hosts import a1111  # noqa: E402
+from alignit.hosts import webui as flow  # noqa: E402
 
 PROMPT = "a photo of {trigger} playing badminton in a garden, detailed, sharp focus"
 
@@ -91,7 +91,7 @@ def concept(kind: str, unet: torch.nn.Module, text_model: torch.nn.Module, folde
 
 def paired_ratio(unet: torch.nn.Module, p: TimedProcessing, pairs: int) -> float | None:
     """Median time ratio of UNet calls with / without the K/V hooks of ``p``'s generation, alternating call by call."""
-    generation = getattr(p, a1111.STATE_ATTRIBUTE)
+    generation = getattr(p, flow.STATE_ATTRIBUTE)
     concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()
     if not (concepts or global_kv):
         return None
@@ -117,7 +117,8 @@ def hook_bytes() -> int:
     injector = getattr(hook_bytes, "last", None)
     if injector is None:
         return 0
-    tensors = [injector.table] + [t for layer in injector._layers.values() for _, t in layer.set_rows + layer.add_rows]
+    rewriter = injector.rewriter
+    tensors = [rewriter.table] + [t for layer in rewriter.layers.values() for _, t in layer.set_rows + layer.add_rows]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -140,7 +141,7 @@ def timed_hooks() -> dict[str, float]:
 
     kv.KVInjector._hook = timed_hook
     for name in ("process", "prepare_batch", "before_sampling"):
-        original = getattr(a1111, name)
+        original = getattr(flow, name)
 
         def timed(*args, _original=original, **kwargs):
             start = time.perf_counter()
@@ -149,14 +150,14 @@ def timed_hooks() -> dict[str, float]:
             finally:
                 spent["alignit"] += time.perf_counter() - start
 
-        setattr(a1111, name, timed)
-    original_finish = a1111.finish_batch
+        setattr(flow, name, timed)
+    original_finish = flow.finish_batch
 
     def finish(p):
-        hook_bytes.last = getattr(p, a1111.STATE_ATTRIBUTE).injector
+        hook_bytes.last = getattr(p, flow.STATE_ATTRIBUTE).kv
         original_finish(p)
 
-    a1111.finish_batch = finish
+    flow.finish_batch = finish
     return spent
 
 
