@@ -11,6 +11,7 @@ prompt; a LoRA stays low-rank. In the "full" scope the WebUI applies the LoRA to
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .concepts import ConceptError
+
+log = logging.getLogger("alignit")
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,17 @@ class KVRewriter:
                         layer.add_rows.append((ids, projection.delta(concept.rows.float())))
             for key, projection in global_lora:
                 self.layers.setdefault(key, _Layer()).remove.append(projection)
-        self._last: tuple[tuple, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
 
     def _hits(self, context: torch.Tensor) -> torch.Tensor:
-        """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per tensor."""
-        key = (context.data_ptr(), tuple(context.shape), context._version)
-        if self._last is None or self._last[0] != key:
+        """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per context.
+
+        The cache holds the context itself, so its memory cannot pass to the next step's context while the entry
+        lives (an address says nothing then); inference tensors (Forge samples in inference mode) have no version
+        counter and are never written in place between the layers of one UNet call.
+        """
+        version = None if context.is_inference() else context._version
+        if self._last is None or self._last[0] is not context or self._last[1] != version:
             table = self.table.to(device=context.device, dtype=context.dtype)
             # Candidates by each row's first value, then a full comparison of those few rows only.
             if len(table) == 0:
@@ -156,8 +164,12 @@ class KVRewriter:
             if len(hits):
                 same = (context[hits[:, 0], hits[:, 1]] == table[hits[:, 2]]).all(-1)
                 hits = hits[same]
-            self._last = (key, hits)
-        return self._last[1]
+            self._last = (context, version, hits)
+        return self._last[2]
+
+    def release(self) -> None:
+        """Drop the cached context."""
+        self._last = None
 
     def rewrite(
         self, key: Key, context: torch.Tensor, output: torch.Tensor, batch_rows: torch.Tensor | None = None
@@ -221,6 +233,7 @@ class KVInjector:
         modules = attn2_modules(unet)
         self.rewriter = KVRewriter(concepts, global_lora)
         self.is_current = is_current
+        self.error: str | None = None
         self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
 
     def _hook(self, key: Key):
@@ -228,7 +241,13 @@ class KVInjector:
             if not self.is_current():
                 self.remove()
                 return None
-            return self.rewriter.rewrite(key, inputs[0], output)
+            try:
+                return self.rewriter.rewrite(key, inputs[0], output)
+            except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
+                log.exception("AlignIT: rewriting keys/values")
+                self.error = f"{type(error).__name__}: {error}"
+                self.remove()
+                return None
 
         return hook
 
@@ -239,6 +258,7 @@ class KVInjector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.rewriter.release()
 
     @property
     def installed(self) -> bool:

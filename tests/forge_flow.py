@@ -91,7 +91,7 @@ class FakeForgeModel:
             engine.clip_skip = clip_skip
 
     def get_learned_conditioning(self, texts):
-        with torch.no_grad():
+        with torch.inference_mode():  # sd15.py:63, sdxl.py:85: @torch.inference_mode()
             return self.text_processing_engine(texts)
 
 
@@ -103,7 +103,7 @@ class FakeForgeSDXLModel(FakeForgeModel):
     engine_names = {"clip_l": "text_processing_engine_l", "clip_g": "text_processing_engine_g"}
 
     def get_learned_conditioning(self, texts):
-        with torch.no_grad():
+        with torch.inference_mode():
             rows_l, rows_g = self.text_processing_engine_l(texts), self.text_processing_engine_g(texts)
         vector = torch.cat([rows_g[:, 76], torch.zeros(rows_g.shape[0], 8)], dim=-1)
         return {"crossattn": torch.cat([rows_l, rows_g], dim=-1), "vector": vector}
@@ -183,7 +183,7 @@ class ForgeProcessing(Processing):
             options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0])
             self.seen_options.append(options)
             x = torch.randn(context.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(step))
-            with torch.no_grad(), forge_attention(patcher.model.diffusion_model, options):
+            with torch.inference_mode(), forge_attention(patcher.model.diffusion_model, options):  # as Forge samples
                 outputs.append(patcher.model.diffusion_model(x, torch.full((context.shape[0],), 500), context=context))
             outputs.append(cond)
         self.sampled.append(outputs)

@@ -235,3 +235,33 @@ def test_same_conditioning_as_on_a1111(forge, text_model, tokenizer, monkeypatch
     prompts = ["sks on a sofa, (sks:1.2) again", "a dog"]
     a1111_p = webui_flow.generate(webui_flow.Processing(prompts, steps=2, batch_size=2), args(EMBEDDING))
     assert torch.equal(forge_p.sampled[0][1], a1111_p.sampled[0][0])
+
+
+def test_a_failure_inside_the_patch_costs_the_weights_not_the_image(forge, monkeypatch):
+    from alignit.kv import KVRewriter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(KVRewriter, "rewrite", broken)
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), args(LORA))
+    assert len(p.sampled[0]) == 4  # both steps ran
+    warning = p.extra_generation_params["AlignIT warning"]
+    assert "RuntimeError: boom; the concept's own key/value weights were not applied" in warning
+
+
+def test_contexts_of_later_steps_are_matched_afresh(forge):
+    """A context of the next step may reuse the memory of the last one; inference tensors have no version."""
+    from alignit.kv import KVRewriter
+
+    layer = "input_blocks.1.1.transformer_blocks.0.attn2"
+    rows = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
+    rewriter = KVRewriter([ConceptKV(rows, {(layer, "k"): LowRank(torch.randn(2, 32), torch.randn(32, 2), 1.0)})])
+    with torch.inference_mode():
+        for position in (5, 9):
+            context = torch.zeros(1, 77, 32)
+            context[0, position] = rows[0]
+            k = projection(forge, layer, "k", context)
+            got = rewriter.rewrite((layer, "k"), context, k)
+            changed = (got != k).any(-1)[0].nonzero().flatten().tolist()
+            assert changed == [position]

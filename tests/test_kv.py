@@ -181,3 +181,17 @@ def test_a_scope_without_concept_rows_still_takes_the_lora_out(unet, context):
         hooked = projections(patched, context)
     for key, out in hooked.items():
         torch.testing.assert_close(out, base[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_rewrite_removes_the_hooks_and_says_why(unet, context, concept_rows, monkeypatch):
+    from alignit.kv import KVRewriter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(KVRewriter, "rewrite", broken)
+    plain = projections(unet, context)
+    injector = KVInjector(unet, [ConceptKV(concept_rows, lora(unet))])
+    seen = projections(unet, context)
+    assert injector.error == "RuntimeError: boom" and not injector.installed
+    assert all(torch.equal(seen[key], plain[key]) for key in plain)

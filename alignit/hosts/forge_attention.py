@@ -15,6 +15,7 @@ deepcopy keeps as they are, so a later clone by another extension still reports 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 
 from ..kv import Key, KVRewriter
+
+log = logging.getLogger("alignit")
 
 Attention = Callable[..., torch.Tensor]  # backend.attention.attention_function(q, k, v, heads, mask=None)
 
@@ -55,6 +58,7 @@ class AttentionPatch:
         self.rewriter = rewriter
         self.attention = attention
         self.active = True
+        self.error: str | None = None
         self._seen: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # (block, context, value) just observed
 
     def install(self, unet: Any) -> None:
@@ -78,9 +82,13 @@ class AttentionPatch:
         def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             seen, self._seen = self._seen, None
             if self.active and seen is not None and seen[0] == _where(extra_options):
-                rows = cond_batch_rows(extra_options, k.shape[0])
-                k = self._rewritten((layer, "k"), seen[1], k, rows)
-                v = self._rewritten((layer, "v"), seen[2], v, rows)
+                try:
+                    rows = cond_batch_rows(extra_options, k.shape[0])
+                    k, v = self._rewritten((layer, "k"), seen[1], k, rows), self._rewritten((layer, "v"), seen[2], v, rows)
+                except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
+                    log.exception("AlignIT: rewriting keys/values")
+                    self.error = f"{type(error).__name__}: {error}"
+                    self.remove()
             if inner is not None:
                 return inner(q, k, v, extra_options)
             return self.attention(q, k, v, extra_options["n_heads"])
@@ -98,6 +106,7 @@ class AttentionPatch:
         """Make the patches pass-through (Forge drops the patched clone when it resets ``forge_objects``)."""
         self.active = False
         self._seen = None
+        self.rewriter.release()
 
 
 def _where(extra_options: dict) -> tuple:

@@ -41,6 +41,8 @@ OVERRIDES_ATTRIBUTE = "alignit_overrides"
 class KVMechanism(Protocol):
     """What gives weight-side concepts their keys/values during one sampling pass."""
 
+    error: str | None  # why it stopped partway, if it did
+
     def unmatched_layers(self) -> list[Key]: ...
 
     def remove(self) -> None: ...
@@ -302,7 +304,7 @@ def before_sampling(p: Any, c: Any) -> None:
             log.exception("AlignIT: splicing")
         _message(p, f"{error}; the class word is used without the concept")
         return
-    _remove_kv(generation)
+    _remove_kv(p, generation)
     try:
         generation.kv = generation.host.install_kv(p, generation.splicer)
     except Exception as error:  # the text-side splice stands; the pass runs without the concept's own K/V weights
@@ -310,20 +312,22 @@ def before_sampling(p: Any, c: Any) -> None:
         _message(p, f"{type(error).__name__}: {error}; the concept's own key/value weights are not applied")
 
 
-def _remove_kv(generation: Generation) -> list[Key]:
+def _remove_kv(p: Any, generation: Generation) -> None:
+    """Take the pass's K/V mechanism off; say so if it failed or never found a concept row."""
     kv, generation.kv = generation.kv, None
     if kv is None:
-        return []
-    unmatched = kv.unmatched_layers()
+        return
     kv.remove()
-    return unmatched
+    if kv.error:
+        _message(p, f"{kv.error}; the concept's own key/value weights were not applied from then on")
+        return
+    unmatched = kv.unmatched_layers()
+    if unmatched:
+        _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")
 
 
 def finish_batch(p: Any) -> None:
-    """``postprocess_batch`` hook: take the K/V mechanism off; say so if it never found a concept row."""
+    """``postprocess_batch`` hook: take the K/V mechanism off."""
     generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    unmatched = _remove_kv(generation)
-    if unmatched:
-        _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")
+    if generation is not None:
+        _remove_kv(p, generation)
