@@ -130,8 +130,10 @@ class Splicer:
             fixes = [(dummy.start + offset, handle) for offset, handle in source.fixes if offset < dummy.count]
             patch = source.text_patch() if source.text_patch else contextlib.nullcontext()
             with torch.no_grad(), patch:
-                rows = self.encoder.encode_chunk(dummy.tokens, dummy.multipliers, fixes)
-            self._dummy_rows[key] = rows[dummy.rows]
+                rows = self.encoder.encode_chunk(dummy.tokens, dummy.multipliers, fixes)[dummy.rows]
+            if not torch.isfinite(rows).all():
+                raise ConceptError(f"'{source.name}' encodes to values that are not finite (inf or NaN)")
+            self._dummy_rows[key] = rows
         return self._dummy_rows[key]
 
     def layout(self, marked_text: str) -> list[Chunk]:

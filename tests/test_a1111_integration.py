@@ -24,3 +24,8 @@ def webui(tmp_path_factory):
     log = Path(os.environ.get("ALIGNIT_A1111_LOG", tmp_path_factory.mktemp("a1111") / "server.log"))
     with running_webui(folder, python, CPU + os.environ.get("ALIGNIT_A1111_ARGS", "").split(), log) as url:
         yield url
+
+
+@pytest.fixture
+def hires_extra():
+    return {}

@@ -265,3 +265,12 @@ def test_contexts_of_later_steps_are_matched_afresh(forge):
             got = rewriter.rewrite((layer, "k"), context, k)
             changed = (got != k).any(-1)[0].nonzero().flatten().tolist()
             assert changed == [position]
+
+
+def test_a_concept_that_encodes_to_nan_is_refused(forge):
+    engine = forge.model.text_processing_engine
+    nan = sd_hijack.Embedding(torch.full((1, 32), float("nan")), "broken")
+    engine.embeddings.register_embedding(nan, engine.tokenize(["broken"])[0])
+    p = generate(ForgeProcessing(["a photo of broken"], steps=1), args(["broken", "cat", "", 1.0]))
+    assert "'broken' encodes to values that are not finite" in p.extra_generation_params["AlignIT warning"]
+    assert p.prompts == ["a photo of broken"]

@@ -29,3 +29,8 @@ def webui(tmp_path_factory):
     log = Path(os.environ.get("ALIGNIT_FORGE_LOG", tmp_path_factory.mktemp("forge") / "server.log"))
     with running_webui(folder, python, CPU + os.environ.get("ALIGNIT_FORGE_ARGS", "").split(), log) as url:
         yield url
+
+
+@pytest.fixture
+def hires_extra():
+    return {"hr_additional_modules": ["Use same choices"]}  # processing.py:1405 fails on None

@@ -1,5 +1,6 @@
 """End-to-end cases run against each real WebUI (test_a1111_integration.py, test_forge_integration.py import them
-and give the ``webui`` fixture: the URL of a started WebUI with the test sources of ``webui_server``).
+and give the ``webui`` fixture: the URL of a started WebUI with the test sources of ``webui_server``, and
+``hires_extra``: what that WebUI's API needs besides A1111's hires fields).
 
 What they show on the real WebUI: the layout AlignIT computes matches the WebUI's ``tokenize_line`` and the marked
 prompts match its real prompt parser for every tricky prompt (AlignIT would otherwise warn and step aside); an
@@ -65,7 +66,7 @@ def test_custom_diffusion_concept_mixed_with_an_embedding(webui):
     assert f"cd:{CD}" in info["infotexts"][0]
 
 
-def test_hires_pass(webui):
+def test_hires_pass(webui, hires_extra):
     _, info = txt2img(
         webui,
         "a <sks> playing badminton",
@@ -76,6 +77,7 @@ def test_hires_pass(webui):
         hr_second_pass_steps=2,
         denoising_strength=0.5,
         hr_prompt="a <sks> and ohwx playing badminton in the snow",
+        **hires_extra,
     )
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
 

@@ -71,8 +71,8 @@ def _write_sources(folder: Path) -> list[Path]:
     for layer in range(12):
         for proj in ("q_proj", "v_proj"):
             name = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"
-            diffusers_tensors[f"{name}.lora_down.weight"] = torch.randn(4, 768, generator=generator) * 0.2
-            diffusers_tensors[f"{name}.lora_up.weight"] = torch.randn(768, 4, generator=generator) * 0.2
+            diffusers_tensors[f"{name}.lora_down.weight"] = torch.randn(4, 768, generator=generator) * 0.02
+            diffusers_tensors[f"{name}.lora_up.weight"] = torch.randn(768, 4, generator=generator) * 0.02
     save_file(lora_tensors, str(lora))
     save_file(diffusers_tensors, str(lora_diffusers))
     torch.save({"state_dict": cd_tensors | {"embed": torch.randn(1, 768, generator=generator) * 0.3}}, delta)
