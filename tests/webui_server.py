@@ -23,12 +23,32 @@ EMBEDDING = "alignit_test_sks"
 LORA = "alignit_test_lora"
 LORA_DIFFUSERS = "alignit_test_lora_diffusers"
 CD = "alignit_test_cd"
-# SD1.5's cross-attention layers, their widths and diffusers names (configs/v1-inference.yaml: 320 channels, mult 1, 2, 4, 4)
-SD15_ATTN2 = {
-    **{f"input_blocks.{i}.1": w for i, w in [(1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280)]},
-    "middle_block.1": 1280,
-    **{f"output_blocks.{i}.1": w for i, w in [(3, 1280), (4, 1280), (5, 1280), (6, 640), (7, 640), (8, 640)]},
-    **{f"output_blocks.{i}.1": 320 for i in (9, 10, 11)},
+# Cross-attention layers (block → width, transformer depth), context width, text encoders (LoRA prefix → width,
+# layers) and embedding shapes: SD1.5 (configs/v1-inference.yaml) and SDXL (sd_xl_base.yaml: depth 2 at 640, 10 at 1280)
+FAMILIES = {
+    "sd15": {
+        "attn2": {
+            **{f"input_blocks.{i}.1": (w, 1) for i, w in [(1, 320), (2, 320), (4, 640), (5, 640), (7, 1280), (8, 1280)]},
+            "middle_block.1": (1280, 1),
+            **{f"output_blocks.{i}.1": (w, 1) for i, w in [(3, 1280), (4, 1280), (5, 1280), (6, 640), (7, 640), (8, 640)]},
+            **{f"output_blocks.{i}.1": (320, 1) for i in (9, 10, 11)},
+        },
+        "context": 768,
+        "text": {"lora_te": (768, 12)},
+        "embedding": {"emb_params": 768},
+    },
+    "sdxl": {
+        "attn2": {
+            **{f"input_blocks.{i}.1": (640, 2) for i in (4, 5)},
+            **{f"input_blocks.{i}.1": (1280, 10) for i in (7, 8)},
+            "middle_block.1": (1280, 10),
+            **{f"output_blocks.{i}.1": (1280, 10) for i in (0, 1, 2)},
+            **{f"output_blocks.{i}.1": (640, 2) for i in (3, 4, 5)},
+        },
+        "context": 2048,
+        "text": {"lora_te1": (768, 12), "lora_te2": (1280, 32)},
+        "embedding": {"clip_l": 768, "clip_g": 1280},
+    },
 }
 BASE = {"steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 7}
 
@@ -40,50 +60,57 @@ def call(url: str, path: str, payload: dict | None = None, timeout: float = 600)
         return json.loads(response.read())
 
 
-def _write_sources(folder: Path) -> list[Path]:
+def _write_sources(folder: Path, family: str) -> list[Path]:
     """A test embedding, LoRA (kohya LDM names, and kohya diffusers names with text-encoder parts) and Custom
-    Diffusion delta for SD1.5, in the WebUI's folders."""
+    Diffusion delta (with a modifier token on SD1.5) for a model family, in the WebUI's folders."""
     from safetensors.torch import save_file
 
+    shapes = FAMILIES[family]
     generator = torch.Generator().manual_seed(3)
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
-    save_file({"emb_params": torch.randn(2, 768, generator=generator) * 0.3}, str(embedding))
+    save_file(
+        {key: torch.randn(2, width, generator=generator) * 0.3 for key, width in shapes["embedding"].items()}, str(embedding)
+    )
     loras = folder / "models" / "Lora"
     lora, lora_diffusers = loras / f"{LORA}.safetensors", loras / f"{LORA_DIFFUSERS}.safetensors"
     delta = folder / "models" / "CustomDiffusion" / f"{CD}.bin"
     loras.mkdir(parents=True, exist_ok=True)
     delta.parent.mkdir(parents=True, exist_ok=True)
     lora_tensors, diffusers_tensors, cd_tensors = {}, {}, {}
-    for block, width in SD15_ATTN2.items():
-        for proj in "kv":
-            factors = {
-                "lora_down.weight": torch.randn(4, 768, generator=generator) * 0.2,
-                "lora_up.weight": torch.randn(width, 4, generator=generator) * 0.2,
-                "alpha": torch.tensor(4.0),
-            }
-            name = f"lora_unet_{block.replace('.', '_')}_transformer_blocks_0_attn2_to_{proj}"
-            lora_tensors |= {f"{name}.{part}": tensor for part, tensor in factors.items()}
-            name = "lora_unet_" + diffusers_name(f"{block}.transformer_blocks.0.attn2.to_{proj}").replace(".", "_")
-            diffusers_tensors |= {f"{name}.{part}": tensor.clone() for part, tensor in factors.items()}
-            cd_tensors[f"model.diffusion_model.{block}.transformer_blocks.0.attn2.to_{proj}.weight"] = (
-                torch.randn(width, 768, generator=generator) * 0.05
-            )
-    for layer in range(12):
-        for proj in ("q_proj", "v_proj"):
-            name = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"
-            diffusers_tensors[f"{name}.lora_down.weight"] = torch.randn(4, 768, generator=generator) * 0.02
-            diffusers_tensors[f"{name}.lora_up.weight"] = torch.randn(768, 4, generator=generator) * 0.02
+    context = shapes["context"]
+    for block, (width, depth) in shapes["attn2"].items():
+        for index in range(depth):
+            for proj in "kv":
+                factors = {
+                    "lora_down.weight": torch.randn(4, context, generator=generator) * 0.2,
+                    "lora_up.weight": torch.randn(width, 4, generator=generator) * 0.2,
+                    "alpha": torch.tensor(4.0),
+                }
+                layer = f"{block}.transformer_blocks.{index}.attn2.to_{proj}"
+                lora_tensors |= {f"lora_unet_{layer.replace('.', '_')}.{part}": t for part, t in factors.items()}
+                name = "lora_unet_" + diffusers_name(layer).replace(".", "_")
+                diffusers_tensors |= {f"{name}.{part}": t.clone() for part, t in factors.items()}
+                cd_tensors[f"model.diffusion_model.{layer}.weight"] = torch.randn(width, context, generator=generator) * 0.05
+    for prefix, (width, layers) in shapes["text"].items():
+        for layer in range(layers):
+            for proj in ("q_proj", "v_proj"):
+                name = f"{prefix}_text_model_encoder_layers_{layer}_self_attn_{proj}"
+                diffusers_tensors[f"{name}.lora_down.weight"] = torch.randn(4, width, generator=generator) * 0.02
+                diffusers_tensors[f"{name}.lora_up.weight"] = torch.randn(width, 4, generator=generator) * 0.02
     save_file(lora_tensors, str(lora))
     save_file(diffusers_tensors, str(lora_diffusers))
-    torch.save({"state_dict": cd_tensors | {"embed": torch.randn(1, 768, generator=generator) * 0.3}}, delta)
+    if family == "sd15":  # a modifier token: Custom Diffusion's own SD1 training; refused on SDXL
+        cd_tensors["embed"] = torch.randn(1, 768, generator=generator) * 0.3
+    torch.save({"state_dict": cd_tensors}, delta)
     return [embedding, lora, lora_diffusers, delta]
 
 
 @contextlib.contextmanager
-def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path) -> Iterator[str]:
-    """Start the WebUI in ``folder`` on a free port with ``arguments``; yield its URL; stop it and clean up."""
+def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path, family: str = "sd15") -> Iterator[str]:
+    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family``;
+    yield its URL; stop it and clean up."""
     link = folder / "extensions" / "alignit"
-    written = _write_sources(folder)
+    written = _write_sources(folder, family)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(ROOT, target_is_directory=True)

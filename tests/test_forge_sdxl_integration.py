@@ -1,0 +1,28 @@
+"""The end-to-end cases (webui_cases.py) on a real Forge with an SDXL checkpoint, through its API.
+
+Skipped unless ``ALIGNIT_FORGE_DIR`` names a Forge folder and ``ALIGNIT_FORGE_SDXL_ARGS`` gives the launch arguments
+that load an SDXL checkpoint (``--ckpt sdxl.safetensors``, and ``--unet-in-fp16 --clip-in-fp16`` to halve the
+memory on a CPU). The test sources are SDXL's: an embedding with ``clip_l`` and ``clip_g`` vectors, LoRAs over the
+70 cross-attention layers (2048-wide context) with text parts for both encoders, a Custom Diffusion delta.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+from test_forge_integration import CPU, hires_extra  # noqa: F401 - the fixture
+from webui_cases import *  # noqa: F403 - the shared end-to-end cases
+from webui_server import running_webui
+
+WEBUI = os.environ.get("ALIGNIT_FORGE_DIR")
+SDXL_ARGS = os.environ.get("ALIGNIT_FORGE_SDXL_ARGS")
+pytestmark = pytest.mark.skipif(not (WEBUI and SDXL_ARGS), reason="ALIGNIT_FORGE_DIR and ALIGNIT_FORGE_SDXL_ARGS are not set")
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    folder = Path(WEBUI)
+    python = os.environ.get("ALIGNIT_FORGE_PYTHON", str(folder / "venv" / "bin" / "python"))
+    log = Path(os.environ.get("ALIGNIT_FORGE_LOG", tmp_path_factory.mktemp("forge") / "server.log"))
+    with running_webui(folder, python, CPU + SDXL_ARGS.split(), log, family="sdxl") as url:
+        yield url
