@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,6 +51,15 @@ class TextEncoder(Tokenizer, Protocol):
     def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
         """What ``encode_chunk`` takes as a fix for raw embedding vectors (n x C)."""
         ...
+
+
+def check_same_layout(plain_text: str, chunks: Sequence[Chunk], host_layouts: Iterable[Sequence[Any]]) -> None:
+    """LayoutMismatch unless each host layout (a WebUI's own ``tokenize_line`` chunks, with ``tokens``,
+    ``multipliers`` and ``fixes`` of ``offset``) is ``chunks``."""
+    ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
+    for own in host_layouts:
+        if [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own] != ours:
+            raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clip_parts import clip_tokenizer, small_clip_text_model
+from clip_parts import clip_text_model, clip_tokenizer, small_clip_text_model
 
 from alignit.hosts.hf_clip import HFClipEncoder
 
@@ -33,3 +33,15 @@ def vectors():
         return torch.randn(count, HIDDEN, generator=generator)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def model_l():
+    """SDXL's CLIP-L at its real width, one layer."""
+    return clip_text_model(768, layers=1, heads=12, seed=6)
+
+
+@pytest.fixture(scope="session")
+def model_g():
+    """SDXL's OpenCLIP-G at its real width, one layer."""
+    return clip_text_model(1280, layers=1, heads=20, seed=7)

@@ -24,12 +24,12 @@ import re
 from types import SimpleNamespace
 
 import torch
+import webui_flow
 from backend.patcher.base import ModelPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
-from modules import extra_networks, prompt_parser, shared
-from webui_flow import Processing, loras_applied
+from modules import prompt_parser, shared
+from webui_flow import Processing
 
-from alignit.hosts import webui as flow
 from alignit.hosts.forge import ForgeHost
 
 HOST = ForgeHost()
@@ -189,45 +189,29 @@ class ForgeProcessing(Processing):
         self.sampled.append(outputs)
 
 
-def generate(p: ForgeProcessing, script_args=None, before_sampling=()) -> ForgeProcessing:
-    """One txt2img run in Forge's order; ``before_sampling`` callables run as earlier scripts' hooks (IP-Adapter)."""
-    model = shared.sd_model
-    hooks = script_args is not None
-    if hooks:
-        flow.process(p, HOST, script_args)
-    for n in range(0, len(p.all_prompts), p.batch_size):
-        model.forge_objects = model.forge_objects_original.shallow_copy()
-        p.prompts = p.all_prompts[n : n + p.batch_size]
-        p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
-        if hooks:
-            flow.set_lora_tags(p)
-        p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.prompts)
-        if p.enable_hr:
-            p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[n : n + p.batch_size])
-        with loras_applied(p.extra_network_data):
-            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
-            if hooks:
-                flow.prepare_batch(p)
-            p.setup_conds()
-            model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
-            for hook in before_sampling:
-                hook(p)
-            if hooks:
-                flow.before_sampling(p, p.c)
-            p.sample(p.c, p.steps)
-        if p.enable_hr:
-            with loras_applied(p.hr_extra_network_data):
-                p.is_hr_pass = True
-                p.calculate_hr_conds()
-                if hooks:
-                    flow.before_sampling(p, p.hr_c)
-                model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
-                for hook in before_sampling:
-                    hook(p)
-                if hooks:
-                    flow.before_sampling(p, p.hr_c)
-                p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
-                p.is_hr_pass = False
-        if hooks:
-            flow.finish_batch(p)
-    return p
+class ForgeOrder(webui_flow.Order):
+    """Forge's departures: ``forge_objects`` resets (processing.py 937, 957, 1373, 1518), two hooks calls per hires
+    pass (1510, 1522), and the built-in extensions' hooks running before AlignIT's (``earlier``)."""
+
+    host = HOST
+    hires_calls = 2
+
+    def __init__(self, earlier=()):
+        self.earlier = list(earlier)
+
+    def batch_start(self, p) -> None:
+        p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
+
+    def networks_activated(self, p) -> None:
+        p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+
+    def sampling_call(self, p, hires: bool, call: int) -> None:
+        if not hires or call == 1:
+            p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+        for hook in self.earlier:
+            hook(p)
+
+
+def generate(p: ForgeProcessing, script_args=None, earlier=()) -> ForgeProcessing:
+    """One txt2img run in Forge's order; ``earlier`` hooks run as built-in scripts' do (IP-Adapter)."""
+    return webui_flow.generate(p, script_args, ForgeOrder(earlier))

@@ -4,18 +4,13 @@ import pytest
 import torch
 from ldm_parts import small_unet
 from modules import sd_hijack, shared  # the contract in tests/contract
-from webui_flow import FakeModel, Processing, generate
+from webui_flow import FakeModel, Processing, generate, script_args
 
 from alignit.concepts import Concept, Options
 from alignit.engine import ConceptSource, Splicer
 from alignit.prompt import rewrite_prompt
 
 SKS = ["<sks>", "cat", "sks", 1.0]
-
-
-def args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*", scope="kv"):
-    cells = [cell for row in rows for cell in row]
-    return [enabled, start, end, placeholder, scope, *cells]
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +45,7 @@ def sks_source():
 def test_disabled_is_bit_identical_to_no_extension():
     plain = generate(Processing(["a <sks> playing badminton"]))
     Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
-    off = generate(Processing(["a <sks> playing badminton"]), args(SKS, enabled=False))
+    off = generate(Processing(["a <sks> playing badminton"]), script_args(SKS, enabled=False))
     assert off.prompts == ["a <sks> playing badminton"] and off.alignit_state is None
     for a, b in zip(plain.sampled[0], off.sampled[0], strict=True):
         assert torch.equal(a, b)  # conditioning and UNet output of every step
@@ -58,7 +53,7 @@ def test_disabled_is_bit_identical_to_no_extension():
 
 def test_batch_of_different_prompts_with_and_editing_and_step_range():
     prompts = ["a <sks> playing badminton AND a garden", "a [dog:<sks>:5] on a sofa", "a cat"]
-    on = generate(Processing(prompts, steps=10, batch_size=3), args(SKS, start=0.2, end=0.8))
+    on = generate(Processing(prompts, steps=10, batch_size=3), script_args(SKS, start=0.2, end=0.8))
     Processing.cached_c = [None, None]
     plain = generate(Processing([p.replace("<sks>", "cat") for p in prompts], steps=10, batch_size=3))
     assert on.comments == {} and on.prompts == ["a cat playing badminton AND a garden", "a [dog:cat:5] on a sofa", "a cat"]
@@ -79,14 +74,14 @@ def test_batch_of_different_prompts_with_and_editing_and_step_range():
 
 
 def test_strength_per_concept():
-    p = generate(Processing(["a <sks>"], steps=1), args(["<sks>", "cat", "sks", 0.25]))
+    p = generate(Processing(["a <sks>"], steps=1), script_args(["<sks>", "cat", "sks", 0.25]))
     aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
     assert torch.equal(p.sampled[0][0][0][2], torch.lerp(base[2], aligned[2], 0.25))
     assert p.extra_generation_params["AlignIT"] == '[["<sks>", "cat", "sks", 0.25]]'
 
 
 def test_negative_prompt_untouched_and_cache_not_poisoned():
-    on = generate(Processing(["a <sks>"], negative="blurry"), args(SKS))
+    on = generate(Processing(["a <sks>"], negative="blurry"), script_args(SKS))
     aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
     assert torch.equal(on.sampled[0][0][0], aligned)
     assert Processing.cached_c == [None, None]  # the shared cache never saw AlignIT's conditioning
@@ -96,14 +91,14 @@ def test_negative_prompt_untouched_and_cache_not_poisoned():
 
 
 def test_several_batches_reuse_the_plain_conditioning():
-    p = generate(Processing(["a <sks>", "a <sks>"], batch_size=1, steps=3), args(SKS))
+    p = generate(Processing(["a <sks>", "a <sks>"], batch_size=1, steps=3), script_args(SKS))
     aligned, _ = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
     for batch in p.sampled:
         assert all(torch.equal(batch[2 * step][0], aligned) for step in range(3))
 
 
 def test_hires_pass_gets_its_own_prompt_and_steps():
-    p = generate(Processing(["a <sks>"], hr_prompts=["a <sks> in snow"], steps=4, hr_steps=3), args(SKS, end=0.5))
+    p = generate(Processing(["a <sks>"], hr_prompts=["a <sks> in snow"], steps=4, hr_steps=3), script_args(SKS, end=0.5))
     first, hires = p.sampled
     aligned, base = expected_aligned("a <sks> in snow", [Concept(*SKS)], [sks_source()])
     assert len(hires) == 6
@@ -112,7 +107,7 @@ def test_hires_pass_gets_its_own_prompt_and_steps():
 
 
 def test_multi_vector_embedding_by_its_own_name():
-    p = generate(Processing(["lisa reading a book"], steps=2), args(["lisa", "woman", "", 1.0]))
+    p = generate(Processing(["lisa reading a book"], steps=2), script_args(["lisa", "woman", "", 1.0]))
     source = ConceptSource.embedding("lisa", 3, sd_hijack.model_hijack.embedding_db.word_embeddings["lisa"])
     aligned, _ = expected_aligned("lisa reading a book", [Concept("lisa", "woman")], [source])
     assert p.prompts == ["woman reading a book"]
@@ -129,7 +124,7 @@ def test_multi_vector_embedding_by_its_own_name():
 )
 def test_bad_concepts_leave_the_prompt_to_the_webui(rows, placeholder, message):
     prompt = rows[0][0] + " on a sofa"
-    p = generate(Processing([prompt], steps=2), args(*rows, placeholder=placeholder))
+    p = generate(Processing([prompt], steps=2), script_args(*rows, placeholder=placeholder))
     Processing.cached_c = [None, None]
     plain = generate(Processing([prompt], steps=2))
     assert any(message in text for text in p.comments), p.comments
@@ -142,7 +137,7 @@ def test_a_layout_the_webui_disagrees_with_is_left_alone(monkeypatch):
     clip = shared.sd_model.cond_stage_model
     real = clip.tokenize_line
     monkeypatch.setattr(clip, "tokenize_line", lambda line: (real(line + " extra")[0], 0))
-    p = generate(Processing(["a <sks>"], steps=2), args(SKS))
+    p = generate(Processing(["a <sks>"], steps=2), script_args(SKS))
     assert p.prompts == ["a <sks>"]
     assert any("differently from the WebUI" in text for text in p.comments)
 
@@ -160,7 +155,7 @@ def test_concept_keys_and_values_in_every_cross_attention_layer(webui):
     layers = {name: module for name, module in unet.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))}
     handles = [module.register_forward_hook(keep(name)) for name, module in layers.items()]
     try:
-        generate(Processing(["a <sks> playing badminton"], steps=1), args(SKS))
+        generate(Processing(["a <sks> playing badminton"], steps=1), script_args(SKS))
     finally:
         for handle in handles:
             handle.remove()

@@ -6,23 +6,18 @@ arguments (a ``--ckpt`` for instance), ``ALIGNIT_A1111_LOG`` keeps the server's 
 """
 
 import os
-from pathlib import Path
 
 import pytest
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import running_webui
+from webui_server import started
 
-WEBUI = os.environ.get("ALIGNIT_A1111_DIR")
-pytestmark = pytest.mark.skipif(not WEBUI, reason="ALIGNIT_A1111_DIR is not set")
+pytestmark = pytest.mark.skipif(not os.environ.get("ALIGNIT_A1111_DIR"), reason="ALIGNIT_A1111_DIR is not set")
 CPU = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--disable-nan-check"]
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    folder = Path(WEBUI)
-    python = os.environ.get("ALIGNIT_A1111_PYTHON", str(folder / "venv" / "bin" / "python"))
-    log = Path(os.environ.get("ALIGNIT_A1111_LOG", tmp_path_factory.mktemp("a1111") / "server.log"))
-    with running_webui(folder, python, CPU + os.environ.get("ALIGNIT_A1111_ARGS", "").split(), log) as url:
+    with started("ALIGNIT_A1111", CPU, tmp_path_factory) as url:
         yield url
 
 

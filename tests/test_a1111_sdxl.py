@@ -8,11 +8,10 @@ import networks
 import pytest
 import torch
 import torch.nn.functional as F
-from clip_parts import clip_text_model
 from ldm_parts import tiny_sd15_unet, tiny_sdxl_unet
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
-from webui_flow import FakeSDXLModel, Processing, generate
+from webui_flow import FakeSDXLModel, Processing, generate, script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
 from alignit.hosts.hf_clip import HFClipEncoder
@@ -20,20 +19,6 @@ from alignit.kv import attn2_modules
 
 BOS, EOS, STAR = 49406, 49407, 265
 L, G = 768, 1280
-
-
-def args(*rows):
-    return [True, 0.0, 1.0, "*", "kv", *[cell for row in rows for cell in row]]
-
-
-@pytest.fixture(scope="module")
-def model_l():
-    return clip_text_model(L, layers=1, heads=12, seed=6)
-
-
-@pytest.fixture(scope="module")
-def model_g():
-    return clip_text_model(G, layers=1, heads=20, seed=7)
 
 
 @pytest.fixture
@@ -73,7 +58,7 @@ def dummy(model, tokenizer, before, vectors, after):
 
 
 def test_embedding_with_clip_l_and_clip_g(sdxl):
-    p = generate(Processing(["a <sks> playing badminton"], steps=1), args(["<sks>", "cat", "sks", 1.0]))
+    p = generate(Processing(["a <sks> playing badminton"], steps=1), script_args(["<sks>", "cat", "sks", 1.0]))
     assert p.comments == {}
     cond = p.sampled[0][0]
     base = shared.sd_model.get_learned_conditioning(["a cat playing badminton"])
@@ -87,7 +72,7 @@ def test_embedding_with_clip_l_and_clip_g(sdxl):
 
 
 def test_an_sd1_embedding_on_sdxl_is_named_as_such(sdxl):
-    p = generate(Processing(["an <old> on a sofa"], steps=1), args(["<old>", "cat", "", 1.0]))
+    p = generate(Processing(["an <old> on a sofa"], steps=1), script_args(["<old>", "cat", "", 1.0]))
     assert "made for another model family" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["an <old> on a sofa"]
 
@@ -105,7 +90,7 @@ def test_sdxl_lora_keys_values_and_text_parts(sdxl, monkeypatch):
 
     monkeypatch.setattr(webui_flow.flow, "before_sampling", observed)
     try:
-        p = generate(Processing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:xl:0.5", 1.0]))
+        p = generate(Processing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:xl:0.5", 1.0]))
     finally:
         for module in attn2_modules(sdxl.unet).values():
             module._forward_hooks.clear()
@@ -130,5 +115,5 @@ def test_sdxl_lora_keys_values_and_text_parts(sdxl, monkeypatch):
 
 
 def test_an_sd1_lora_on_sdxl_is_refused(sdxl):
-    p = generate(Processing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:sd1", 1.0]))
+    p = generate(Processing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:sd1", 1.0]))
     assert "made for another model" in p.extra_generation_params["AlignIT warning"]

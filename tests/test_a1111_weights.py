@@ -10,7 +10,7 @@ import webui_flow
 from ldm_parts import tiny_sd15_unet, weights_digest
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
-from webui_flow import FakeModel, Processing, generate
+from webui_flow import FakeModel, Processing, generate, script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
 from alignit.hosts import a1111
@@ -19,10 +19,6 @@ from alignit.kv import attn2_modules
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]
-
-
-def args(*rows, scope="kv"):
-    return [True, 0.0, 1.0, "*", scope, *[cell for row in rows for cell in row]]
 
 
 @pytest.fixture
@@ -87,7 +83,7 @@ def concept_rows(p, first, count):
 
 def test_lora_on_keys_and_values_only(webui, seen):
     before = weights_digest(webui.unet)
-    p = generate(Processing(["a photo of ohwx playing badminton <lora:ohwx_lora:1>"], steps=1), args(LORA))
+    p = generate(Processing(["a photo of ohwx playing badminton <lora:ohwx_lora:1>"], steps=1), script_args(LORA))
     assert p.comments == {} and p.extra_network_data == {}  # the tag never reached the UNet
     assert p.prompts[0].strip() == "a photo of man playing badminton"
     n = len(shared.sd_model.cond_stage_model.tokenize(["ohwx"])[0])
@@ -104,7 +100,7 @@ def test_lora_on_keys_and_values_only(webui, seen):
 
 
 def test_lora_text_encoder_part_shapes_only_the_concept_rows(webui):
-    with_te = generate(Processing(["a photo of ohwx"], steps=1), args(LORA))
+    with_te = generate(Processing(["a photo of ohwx"], steps=1), script_args(LORA))
     plain = generate(Processing(["a photo of man"], steps=1))
     n = len(shared.sd_model.cond_stage_model.tokenize(["ohwx"])[0])
     cond, base = with_te.sampled[0][0][0], plain.sampled[0][0][0]
@@ -115,7 +111,7 @@ def test_lora_text_encoder_part_shapes_only_the_concept_rows(webui):
 def test_lora_on_the_whole_unet(webui, seen):
     before = weights_digest(webui.unet)
     base = {key: module.weight.clone() for key, module in attn2_modules(webui.unet).items()}
-    p = generate(Processing(["a photo of ohwx playing badminton"], steps=1), args(LORA, scope="full"))
+    p = generate(Processing(["a photo of ohwx playing badminton"], steps=1), script_args(LORA, scope="full"))
     assert [params.items for params in p.extra_network_data["lora"]] == [["ohwx_lora", "0", "0.8"]]
     assert p.extra_generation_params["AlignIT LoRA scope"] == "full"
     n = len(shared.sd_model.cond_stage_model.tokenize(["ohwx"])[0])
@@ -131,7 +127,7 @@ def test_lora_on_the_whole_unet(webui, seen):
 
 
 def test_custom_diffusion_with_its_modifier_token(webui, seen):
-    p = generate(Processing(["a <new1> cat playing badminton"], steps=1), args(CD))
+    p = generate(Processing(["a <new1> cat playing badminton"], steps=1), script_args(CD))
     assert p.comments == {} and p.prompts == ["a cat playing badminton"]
     for key, context, out in seen:
         assert torch.equal(out[2:4], F.linear(context[2:4], webui.cd[key]))  # <new1>, cat: W_cd·c'
@@ -141,7 +137,7 @@ def test_custom_diffusion_with_its_modifier_token(webui, seen):
 
 def test_three_kinds_of_concept_in_one_prompt(webui, seen):
     sks = ["<sks>", "dog", "sks", 1.0]
-    p = generate(Processing(["<sks> and a <new1> cat meet ohwx"], steps=1), args(sks, CD, LORA))
+    p = generate(Processing(["<sks> and a <new1> cat meet ohwx"], steps=1), script_args(sks, CD, LORA))
     assert p.comments == {} and p.prompts == ["dog and a cat meet man"]
     n = len(shared.sd_model.cond_stage_model.tokenize(["ohwx"])[0])
     # rows: BOS, sks(2), and, a, <new1>, cat, meet, ohwx(n)
@@ -167,7 +163,7 @@ def test_three_kinds_of_concept_in_one_prompt(webui, seen):
 )
 def test_bad_sources_warn_and_the_image_renders(webui, row, message):
     prompt = f"a {row[0]} on a sofa"
-    p = generate(Processing([prompt], steps=2), args(row))
+    p = generate(Processing([prompt], steps=2), script_args(row))
     Processing.cached_c = [None, None]
     plain = generate(Processing([prompt], steps=2))
     assert message in p.extra_generation_params["AlignIT warning"]
@@ -178,7 +174,7 @@ def test_hooks_left_by_a_failed_generation_retire(webui):
     failing = Processing(["a photo of ohwx"], steps=3)
     failing.fail_at_step = 1
     with pytest.raises(RuntimeError, match="sampling failed"):
-        generate(failing, args(LORA))
+        generate(failing, script_args(LORA))
     assert any(m._forward_hooks for m in attn2_modules(webui.unet).values())  # postprocess_batch never ran
     Processing.cached_c = [None, None]
     later = generate(Processing(["a photo of man"], steps=2))  # no AlignIT call at all: the hooks see a new job
@@ -191,6 +187,6 @@ def test_hooks_left_by_a_failed_generation_retire(webui):
 
 def test_a_hypernetwork_keeps_weight_side_concepts_out(webui, monkeypatch):
     monkeypatch.setattr(shared, "loaded_hypernetworks", ["some hypernetwork"])
-    p = generate(Processing(["<sks> meets ohwx"], steps=1), args(["<sks>", "dog", "sks", 1.0], LORA))
+    p = generate(Processing(["<sks> meets ohwx"], steps=1), script_args(["<sks>", "dog", "sks", 1.0], LORA))
     assert "a hypernetwork is active" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["dog meets ohwx"]

@@ -15,6 +15,7 @@ from forge_flow import FakeForgeModel, ForgeProcessing, generate
 from ldm_parts import tiny_sd15_unet, weights_digest
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
+from webui_flow import script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
 from alignit.hosts import webui as flow
@@ -24,10 +25,6 @@ from alignit.kv import ConceptKV, KVInjector, LowRank, attn2_modules
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]
 EMBEDDING = ["sks", "cat", "", 1.0]
-
-
-def args(*rows, scope="kv"):
-    return [True, 0.0, 1.0, "*", scope, *[cell for row in rows for cell in row]]
 
 
 @pytest.fixture
@@ -91,7 +88,7 @@ def test_block_keys_and_cond_rows():
 
 def test_embedding_concept_is_spliced_with_the_engine(forge, encoder, vectors):
     plain = generate(ForgeProcessing(["a photo of cat"], steps=1))
-    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), script_args(EMBEDDING))
     assert p.prompts == ["a photo of cat"]
     cond, want_plain = p.sampled[0][1][0], plain.sampled[0][1][0]
     assert torch.equal(cond[:4], want_plain[:4]) and torch.equal(cond[6:], torch.cat([want_plain[5:75], want_plain[76:]]))
@@ -106,7 +103,7 @@ def test_embedding_concept_is_spliced_with_the_engine(forge, encoder, vectors):
 def test_lora_keys_values_match_the_a1111_hooks_exactly(forge):
     seen = []
     digest = weights_digest(forge.unet)
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), args(LORA), before_sampling=[recorder(seen)])
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), script_args(LORA), earlier=[recorder(seen)])
     assert "AlignIT warning" not in p.extra_generation_params
     assert len(seen) == 2 * 16
     generation = getattr(p, flow.STATE_ATTRIBUTE)
@@ -131,7 +128,7 @@ def test_lora_keys_values_match_the_a1111_hooks_exactly(forge):
 
 def test_only_cond_rows_change_and_tiled_rows_too(forge):
     seen = []
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1, uc_chunks=2), args(LORA), before_sampling=[recorder(seen)])
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1, uc_chunks=2), script_args(LORA), earlier=[recorder(seen)])
     cond = p.sampled[0][1]
     layer, k, _, _ = seen[0]
     base = projection(forge, layer, "k", torch.cat([torch.zeros(1, 154, 32), cond.repeat(1, 2, 1)]))
@@ -159,7 +156,7 @@ def test_rows_in_uncond_are_left_alone(forge):
 def test_hires_pass_gets_the_patch_again(forge):
     seen = []
     p = ForgeProcessing(["a photo of ohwx"], steps=1, hr_prompts=["a photo of ohwx"], hr_steps=1)
-    p = generate(p, args(LORA), before_sampling=[recorder(seen)])
+    p = generate(p, script_args(LORA), earlier=[recorder(seen)])
     assert len(seen) == 2 * 16  # first pass and hires pass, each through the recorder after AlignIT's rewrite
     hires = [k for layer, k, _, _ in seen[16:]]
     first = [k for layer, k, _, _ in seen[:16]]
@@ -169,7 +166,7 @@ def test_hires_pass_gets_the_patch_again(forge):
 
 def test_custom_diffusion_and_full_scope(forge):
     seen = []
-    p = generate(ForgeProcessing(["a <new1> cat"], steps=1), args(CD), before_sampling=[recorder(seen)])
+    p = generate(ForgeProcessing(["a <new1> cat"], steps=1), script_args(CD), earlier=[recorder(seen)])
     assert p.prompts == ["a cat"]
     cond = p.sampled[0][1][0]
     for layer, k, v, _ in seen:  # "<new1> cat": the modifier vector and "cat" at rows 2-3, W_cd·c' there
@@ -177,7 +174,7 @@ def test_custom_diffusion_and_full_scope(forge):
             torch.testing.assert_close(got[1, 2:4], F.linear(cond[2:4], forge.cd[(layer, proj)]), rtol=1e-5, atol=1e-5)
             assert torch.equal(got[1, 4:], projection(forge, layer, proj, cond[4:]))
     seen.clear()
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), args(LORA, scope="full"), before_sampling=[recorder(seen)])
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), script_args(LORA, scope="full"), earlier=[recorder(seen)])
     assert "AlignIT warning" not in p.extra_generation_params
     layer, k, _, _ = seen[0]
     cond = p.sampled[0][1]
@@ -190,7 +187,9 @@ def test_custom_diffusion_and_full_scope(forge):
 
 def test_loha_is_merged_with_forges_own_maths(forge):
     seen = []
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:loha", 1.0]), [recorder(seen)])
+    p = generate(
+        ForgeProcessing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:loha", 1.0]), earlier=[recorder(seen)]
+    )
     assert "AlignIT warning" not in p.extra_generation_params
     layer, k, _, _ = seen[0]
     down, up, alpha = forge.factors[(layer, "k")]
@@ -205,7 +204,7 @@ def test_nothing_is_left_after_a_failed_generation(forge):
     p = ForgeProcessing(["a photo of ohwx"], steps=2)
     p.fail_at_step = 1
     with pytest.raises(RuntimeError):
-        generate(p, args(LORA))
+        generate(p, script_args(LORA))
     assert forge.model.forge_objects_original.unet.model_options == {"transformer_options": {}}
     assert forge.model.forge_objects_after_applying_lora.unet.model_options == {"transformer_options": {}}
     again = generate(ForgeProcessing(["a photo of a man"], steps=1))
@@ -216,24 +215,24 @@ def test_flux_and_sd3_are_refused_with_a_message(forge, monkeypatch):
     assert flow.model_problem(forge_flow.HOST) is None
     monkeypatch.setattr(forge.model, "is_sd1", False)
     assert "applies to SD1.x, SD2.x and SDXL models" in flow.model_problem(forge_flow.HOST)
-    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), script_args(EMBEDDING))
     assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["a photo of sks"]
     monkeypatch.setattr(forge.model, "is_sd3", True)
     monkeypatch.setattr(forge.model, "is_sdxl", True)
-    p = generate(ForgeProcessing(["a photo of sks"], steps=1), args(EMBEDDING))
+    p = generate(ForgeProcessing(["a photo of sks"], steps=1), script_args(EMBEDDING))
     assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
 
 
 def test_same_conditioning_as_on_a1111(forge, text_model, tokenizer, monkeypatch):
     """The same prompt through both hosts' flows gives bit-identical spliced conditioning."""
-    forge_p = generate(ForgeProcessing(["sks on a sofa, (sks:1.2) again", "a dog"], steps=2, batch_size=2), args(EMBEDDING))
+    prompts = ["sks on a sofa, (sks:1.2) again", "a dog"]
+    forge_p = generate(ForgeProcessing(prompts, steps=2, batch_size=2), script_args(EMBEDDING))
     engine = forge.model.text_processing_engine
     monkeypatch.setattr(shared, "sd_model", webui_flow.FakeModel(text_model, tokenizer))
     monkeypatch.setattr(sd_hijack.model_hijack, "embedding_db", engine.embeddings)
     monkeypatch.setattr(webui_flow.Processing, "cached_c", [None, None])
-    prompts = ["sks on a sofa, (sks:1.2) again", "a dog"]
-    a1111_p = webui_flow.generate(webui_flow.Processing(prompts, steps=2, batch_size=2), args(EMBEDDING))
+    a1111_p = webui_flow.generate(webui_flow.Processing(prompts, steps=2, batch_size=2), script_args(EMBEDDING))
     assert torch.equal(forge_p.sampled[0][1], a1111_p.sampled[0][0])
 
 
@@ -244,7 +243,7 @@ def test_a_failure_inside_the_patch_costs_the_weights_not_the_image(forge, monke
         raise RuntimeError("boom")
 
     monkeypatch.setattr(KVRewriter, "rewrite", broken)
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), args(LORA))
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), script_args(LORA))
     assert len(p.sampled[0]) == 4  # both steps ran
     warning = p.extra_generation_params["AlignIT warning"]
     assert "RuntimeError: boom; the concept's own key/value weights were not applied" in warning
@@ -271,6 +270,6 @@ def test_a_concept_that_encodes_to_nan_is_refused(forge):
     engine = forge.model.text_processing_engine
     nan = sd_hijack.Embedding(torch.full((1, 32), float("nan")), "broken")
     engine.embeddings.register_embedding(nan, engine.tokenize(["broken"])[0])
-    p = generate(ForgeProcessing(["a photo of broken"], steps=1), args(["broken", "cat", "", 1.0]))
+    p = generate(ForgeProcessing(["a photo of broken"], steps=1), script_args(["broken", "cat", "", 1.0]))
     assert "'broken' encodes to values that are not finite" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["a photo of broken"]

@@ -11,23 +11,18 @@ clone does not outlive the generation (plain images before and after are byte-id
 """
 
 import os
-from pathlib import Path
 
 import pytest
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import running_webui
+from webui_server import started
 
-WEBUI = os.environ.get("ALIGNIT_FORGE_DIR")
-pytestmark = pytest.mark.skipif(not WEBUI, reason="ALIGNIT_FORGE_DIR is not set")
+pytestmark = pytest.mark.skipif(not os.environ.get("ALIGNIT_FORGE_DIR"), reason="ALIGNIT_FORGE_DIR is not set")
 CPU = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--always-cpu", "--skip-version-check"]
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    folder = Path(WEBUI)
-    python = os.environ.get("ALIGNIT_FORGE_PYTHON", str(folder / "venv" / "bin" / "python"))
-    log = Path(os.environ.get("ALIGNIT_FORGE_LOG", tmp_path_factory.mktemp("forge") / "server.log"))
-    with running_webui(folder, python, CPU + os.environ.get("ALIGNIT_FORGE_ARGS", "").split(), log) as url:
+    with started("ALIGNIT_FORGE", CPU, tmp_path_factory) as url:
         yield url
 
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import networks
 import pytest
 import torch
-from clip_parts import clip_text_model
 from forge_flow import FakeForgeSDXLModel, ForgeProcessing, generate
 from ldm_parts import tiny_sdxl_unet
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
+from webui_flow import script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
 from alignit.hosts.hf_clip import HFClipEncoder
@@ -19,20 +19,6 @@ from alignit.kv import LowRank, text_lora
 
 BOS, EOS, STAR = 49406, 49407, 265
 L, G = 768, 1280
-
-
-def args(*rows):
-    return [True, 0.0, 1.0, "*", "kv", *[cell for row in rows for cell in row]]
-
-
-@pytest.fixture(scope="module")
-def model_l():
-    return clip_text_model(L, layers=1, heads=12, seed=6)
-
-
-@pytest.fixture(scope="module")
-def model_g():
-    return clip_text_model(G, layers=1, heads=20, seed=7)
 
 
 @pytest.fixture
@@ -65,7 +51,7 @@ def dummy(model, tokenizer, before, count, fixes):
 
 
 def test_embedding_with_clip_l_and_clip_g(sdxl):
-    p = generate(ForgeProcessing(["a <sks> playing badminton"], steps=1), args(["<sks>", "cat", "sks", 1.0]))
+    p = generate(ForgeProcessing(["a <sks> playing badminton"], steps=1), script_args(["<sks>", "cat", "sks", 1.0]))
     assert "AlignIT warning" not in p.extra_generation_params
     cond = p.sampled[0][1]
     base = sdxl.model.get_learned_conditioning(["a cat playing badminton"])
@@ -78,7 +64,7 @@ def test_embedding_with_clip_l_and_clip_g(sdxl):
 
 
 def test_lora_text_parts_reach_both_engines(sdxl):
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), args(["ohwx", "man", "lora:xl", 1.0]))
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:xl", 1.0]))
     assert "AlignIT warning" not in p.extra_generation_params
     rows = p.sampled[0][1][0]
     ohwx = sdxl.tokenizer(["ohwx"], add_special_tokens=False)["input_ids"][0]

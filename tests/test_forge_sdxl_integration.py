@@ -7,22 +7,19 @@ memory on a CPU). The test sources are SDXL's: an embedding with ``clip_l`` and 
 """
 
 import os
-from pathlib import Path
 
 import pytest
 from test_forge_integration import CPU, hires_extra  # noqa: F401 - the fixture
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import running_webui
+from webui_server import started
 
-WEBUI = os.environ.get("ALIGNIT_FORGE_DIR")
 SDXL_ARGS = os.environ.get("ALIGNIT_FORGE_SDXL_ARGS")
-pytestmark = pytest.mark.skipif(not (WEBUI and SDXL_ARGS), reason="ALIGNIT_FORGE_DIR and ALIGNIT_FORGE_SDXL_ARGS are not set")
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("ALIGNIT_FORGE_DIR") and SDXL_ARGS), reason="ALIGNIT_FORGE_DIR and ALIGNIT_FORGE_SDXL_ARGS are not set"
+)
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    folder = Path(WEBUI)
-    python = os.environ.get("ALIGNIT_FORGE_PYTHON", str(folder / "venv" / "bin" / "python"))
-    log = Path(os.environ.get("ALIGNIT_FORGE_LOG", tmp_path_factory.mktemp("forge") / "server.log"))
-    with running_webui(folder, python, CPU + SDXL_ARGS.split(), log, family="sdxl") as url:
+    with started("ALIGNIT_FORGE", CPU, tmp_path_factory, arguments=SDXL_ARGS, family="sdxl") as url:
         yield url

@@ -154,13 +154,36 @@ def loras_applied(data: dict):
                 modules[key].weight.copy_(weight)
 
 
-def generate(p: Processing, script_args=None) -> Processing:
+def script_args(*rows, enabled=True, start=0.0, end=1.0, placeholder="*", scope="kv") -> list:
+    """The script's positional arguments, as the UI sends them: settings, then concept rows."""
+    return [enabled, start, end, placeholder, scope, *[cell for row in rows for cell in row]]
+
+
+class Order:
+    """Where a WebUI's generation order departs from A1111's (these defaults): Forge overrides it."""
+
+    host = HOST
+    hires_calls = 1  # process_before_every_sampling calls per hires pass
+
+    def batch_start(self, p) -> None:
+        """Before the batch's prompts are sliced."""
+
+    def networks_activated(self, p) -> None:
+        """After extra networks are activated, before process_batch."""
+
+    def sampling_call(self, p, hires: bool, call: int) -> None:
+        """Before AlignIT's process_before_every_sampling: resets, and earlier scripts' hooks."""
+
+
+def generate(p: Processing, script_args=None, order: Order | None = None) -> Processing:
     """One txt2img run; ``script_args`` None means the extension is not installed at all."""
+    order = order or Order()
     shared.state.job_timestamp = str(next(_jobs))
     hooks = script_args is not None
     if hooks:
-        flow.process(p, HOST, script_args)
+        flow.process(p, order.host, script_args)
     for n in range(0, len(p.all_prompts), p.batch_size):
+        order.batch_start(p)
         p.prompts = p.all_prompts[n : n + p.batch_size]
         p.negative_prompts = p.all_negative_prompts[n : n + p.batch_size]
         if hooks:
@@ -169,9 +192,11 @@ def generate(p: Processing, script_args=None) -> Processing:
         if p.enable_hr:
             p.hr_prompts, p.hr_extra_network_data = extra_networks.parse_prompts(p.all_hr_prompts[n : n + p.batch_size])
         with loras_applied(p.extra_network_data):
+            order.networks_activated(p)
             if hooks:
                 flow.prepare_batch(p)
             p.setup_conds()
+            order.sampling_call(p, hires=False, call=0)
             if hooks:
                 flow.before_sampling(p, p.c)
             p.sample(p.c, p.steps)
@@ -179,8 +204,10 @@ def generate(p: Processing, script_args=None) -> Processing:
             with loras_applied(p.hr_extra_network_data):
                 p.is_hr_pass = True
                 p.calculate_hr_conds()
-                if hooks:
-                    flow.before_sampling(p, p.hr_c)
+                for call in range(order.hires_calls):
+                    order.sampling_call(p, hires=True, call=call)
+                    if hooks:
+                        flow.before_sampling(p, p.hr_c)
                 p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
                 p.is_hr_pass = False
         if hooks:

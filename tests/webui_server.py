@@ -147,6 +147,16 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
             path.unlink()
 
 
+def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
+    """The WebUI named by ``{prefix}_DIR``, started with ``cpu`` and ``{prefix}_ARGS`` (or ``arguments``), with
+    ``{prefix}_PYTHON`` (default: its ``venv/bin/python``), its log in ``{prefix}_LOG``."""
+    folder = Path(os.environ[f"{prefix}_DIR"])
+    python = os.environ.get(f"{prefix}_PYTHON", str(folder / "venv" / "bin" / "python"))
+    log = Path(os.environ.get(f"{prefix}_LOG", tmp_path_factory.mktemp("webui") / "server.log"))
+    extra = os.environ.get(f"{prefix}_ARGS", "") if arguments is None else arguments
+    return running_webui(folder, python, [*cpu, *extra.split()], log, family)
+
+
 def txt2img(url: str, prompt: str, alignit: list | None = None, **extra) -> tuple[bytes, dict]:
     payload = dict(BASE, prompt=prompt, **extra)
     if alignit is not None:

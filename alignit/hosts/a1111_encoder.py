@@ -12,7 +12,7 @@ from modules import devices, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
 from ..concepts import ConceptError
-from ..engine import LayoutMismatch, Unsupported
+from ..engine import Unsupported, check_same_layout
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
 
 
@@ -50,11 +50,7 @@ class A1111Encoder:
         return None if embedding is None else EmbeddingMatch(int(embedding.vectors), length, embedding)
 
     def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
-        ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
-        for clip in self.clips:
-            own, _ = clip.tokenize_line(plain_text)
-            if [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own] != ours:
-                raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
+        check_same_layout(plain_text, chunks, (clip.tokenize_line(plain_text)[0] for clip in self.clips))
 
     def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
         """What ``sd_hijack.EmbeddingsWithFixes`` reads from an embedding: ``vec`` (and ``vectors``)."""

@@ -15,7 +15,7 @@ from backend.text_processing.classic_engine import PromptChunkFix
 from modules import shared
 
 from ..concepts import ConceptError
-from ..engine import LayoutMismatch, Unsupported
+from ..engine import Unsupported, check_same_layout
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
 
 COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read from the setting as on A1111
@@ -57,13 +57,12 @@ class ForgeEncoder:
         embedding, length = self.engines[0].embeddings.find_embedding_at_position(tokens, position)
         return None if embedding is None else EmbeddingMatch(int(embedding.vectors), length, embedding)
 
+    def _own_layout(self, engine: Any, plain_text: str) -> list[Any]:
+        engine.emphasis = emphasis.get_current_option(shared.opts.emphasis)()  # as the engine's __call__ sets it
+        return engine.tokenize_line(plain_text)[0]
+
     def check_layout(self, plain_text: str, chunks: Sequence[Chunk]) -> None:
-        ours = [(c.tokens, c.multipliers, [offset for offset, _ in c.fixes]) for c in chunks]
-        for engine in self.engines:
-            engine.emphasis = emphasis.get_current_option(shared.opts.emphasis)()
-            own, _ = engine.tokenize_line(plain_text)
-            if [(c.tokens, c.multipliers, [f.offset for f in c.fixes]) for c in own] != ours:
-                raise LayoutMismatch(f"AlignIT lays out '{plain_text[:60]}' differently from the WebUI")
+        check_same_layout(plain_text, chunks, (self._own_layout(engine, plain_text) for engine in self.engines))
 
     def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
         """What ``CLIPEmbeddingForTextualInversion`` reads from an embedding: ``vec`` (and ``vectors``)."""
