@@ -1,11 +1,12 @@
 """Key/value injection for weight-side concepts (LoRA, Custom Diffusion).
 
 A concept's rows c' reach every cross-attention layer inside the conditioning; its keys and values must be
-``(W + ΔW)·c'`` (LoRA) or ``W_cd·c'`` (Custom Diffusion) while every other row keeps ``W·c``. Forward hooks on
-``attn2.to_k``/``attn2.to_v`` find the concept rows by their values (so no batch layout is assumed: cond/uncond
-order, AND parts, batch size and padding do not matter) and rewrite those rows only. ``ΔW·c'`` is computed once per
-prompt; a LoRA stays low-rank. In the "full" scope the WebUI applies the LoRA to the whole UNet, and the hooks take
-``ΔW·x`` back out of every other row.
+``(W + ΔW)·c'`` (LoRA) or ``W_cd·c'`` (Custom Diffusion) while every other row keeps ``W·c``. ``KVRewriter`` finds
+the concept rows in a layer's context by their values (so no batch layout is assumed: cond/uncond order, AND parts,
+batch size, padding and tiling do not matter) and rewrites those rows of the projection's output only. ``ΔW·c'`` is
+computed once per pass; a LoRA stays low-rank. In the "full" scope the WebUI applies the LoRA to the whole UNet, and
+the rewriter takes ``ΔW·x`` back out of every other row. Hosts run it from forward hooks on ``attn2.to_k``/``to_v``
+(``KVInjector``, A1111) or from attention patches (``hosts/forge_attention.py``).
 """
 
 from __future__ import annotations
