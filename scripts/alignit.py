@@ -48,10 +48,13 @@ class AlignITScript(scripts.Script):
                         gr.Textbox(
                             label=f"Trigger {i + 1}",
                             placeholder="<sks> or an embedding's name",
+                            max_lines=1,
                             elem_id=f"alignit_{tab}_trigger_{i}",
                         )
                     )
-                    rows.append(gr.Textbox(label="Class word", placeholder="cat", elem_id=f"alignit_{tab}_class_{i}"))
+                    rows.append(
+                        gr.Textbox(label="Class word", placeholder="cat", max_lines=1, elem_id=f"alignit_{tab}_class_{i}")
+                    )
                     rows.append(
                         gr.Dropdown(
                             label="Source: embedding, lora:NAME[:WEIGHT] or cd:NAME (empty: the trigger's name)",

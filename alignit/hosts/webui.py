@@ -70,7 +70,8 @@ class Host(Protocol):
 
 def model_problem(host: Host) -> str | None:
     """Why AlignIT cannot work with the loaded model, or None when it can (or no model is loaded yet)."""
-    if getattr(shared, "sd_model", None) is None:
+    model = getattr(shared, "sd_model", None)
+    if model is None or type(model).__name__ == "FakeInitialModel":  # Forge's stand-in until a checkpoint loads
         return None
     try:
         host.encoder()
