@@ -273,3 +273,7 @@ def test_a_concept_that_encodes_to_nan_is_refused(forge):
     p = generate(ForgeProcessing(["a photo of broken"], steps=1), script_args(["broken", "cat", "", 1.0]))
     assert "'broken' encodes to values that are not finite" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["a photo of broken"]
+
+
+def test_source_choices_come_from_the_engine_the_lora_list_and_the_folder(forge):
+    assert forge_flow.HOST.source_choices() == ["", "sks", "lora:loha", "lora:ohwx_lora", "cd:mycat"]

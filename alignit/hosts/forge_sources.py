@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from backend.patcher.lora import load_lora, merge_lora_to_weight, model_lora_keys_clip, model_lora_keys_unet
+from modules import shared
 
 from ..concepts import Concept, ConceptError, parse_source
 from ..engine import ConceptSource, concept_tokens
@@ -27,8 +28,6 @@ _UNET_KV = re.compile(r"^diffusion_model\.(?P<layer>.+\.attn2)\.to_(?P<proj>[kv]
 
 def embedding_names() -> list[str]:
     """The embeddings the loaded model's first text engine knows (none while no model is loaded)."""
-    from modules import shared
-
     try:
         return list(text_engines(shared.sd_model)[0].embeddings.word_embeddings)
     except Exception:  # no model loaded yet, or one AlignIT does not apply to

@@ -67,6 +67,10 @@ class Host(Protocol):
         """Give the spliced weight-side concept rows their keys/values for the pass about to be sampled."""
         ...
 
+    def source_choices(self) -> list[str]:
+        """Every source a concept row can name (for the UI's dropdowns)."""
+        ...
+
 
 def model_problem(host: Host) -> str | None:
     """Why AlignIT cannot work with the loaded model, or None when it can (or no model is loaded yet)."""
