@@ -8,6 +8,8 @@ AlignIT run changes the image while a plain run before and after it gives the sa
 hook or patch left); weight-side concepts reach every cross-attention layer (no "never reached" warning); bad
 concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``."""
 
+import base64
+
 import pytest
 from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, txt2img
 
@@ -80,6 +82,16 @@ def test_hires_pass(webui, hires_extra):
         **hires_extra,
     )
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+
+
+def test_img2img(webui):
+    image, _ = txt2img(webui, "a garden")
+    extra = {"mode": "img2img", "init_images": [base64.b64encode(image).decode()], "denoising_strength": 0.6}
+    before, _ = txt2img(webui, "a photo of a man in a garden", **extra)
+    aligned, info = txt2img(webui, "a photo of ohwx in a garden", on(("ohwx", "man", f"lora:{LORA}")), **extra)
+    after, _ = txt2img(webui, "a photo of a man in a garden", **extra)
+    assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+    assert aligned != before and after == before
 
 
 def test_step_range(webui):

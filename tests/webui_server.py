@@ -157,11 +157,12 @@ def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | 
     return running_webui(folder, python, [*cpu, *extra.split()], log, family)
 
 
-def txt2img(url: str, prompt: str, alignit: list | None = None, **extra) -> tuple[bytes, dict]:
+def txt2img(url: str, prompt: str, alignit: list | None = None, mode: str = "txt2img", **extra) -> tuple[bytes, dict]:
+    """One image (and its info) from ``/sdapi/v1/{mode}``; img2img takes ``init_images`` in ``extra``."""
     payload = dict(BASE, prompt=prompt, **extra)
     if alignit is not None:
         payload["alwayson_scripts"] = {"AlignIT": {"args": alignit}}
-    result = call(url, "/sdapi/v1/txt2img", payload)
+    result = call(url, f"/sdapi/v1/{mode}", payload)
     return base64.b64decode(result["images"][0]), json.loads(result["info"])
 
 
