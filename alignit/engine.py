@@ -35,6 +35,10 @@ class Unsupported(RuntimeError):
     """The loaded model or a WebUI setting rules AlignIT out for this generation."""
 
 
+class NotLoaded(Unsupported):
+    """No checkpoint is loaded yet."""
+
+
 class TextEncoder(Tokenizer, Protocol):
     """A host's text encoder, seen the way the WebUI's own sees a prompt."""
 

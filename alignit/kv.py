@@ -116,8 +116,8 @@ class ConceptKV:
 
 @dataclass
 class _Layer:
-    set_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to write)
-    add_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (table ids, rows to add)
+    set_rows: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (table rows start, stop, rows to write)
+    add_rows: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (table rows start, stop, rows to add)
     remove: list[Delta] = field(default_factory=list)  # full scope: ΔW·x taken out of every other row
 
 
@@ -135,17 +135,27 @@ class KVRewriter:
         start = 0
         with torch.no_grad():
             for concept in concepts:
-                ids = torch.arange(start, start + len(concept.rows))
-                start += len(concept.rows)
+                stop = start + len(concept.rows)
                 for key, projection in concept.weights.items():
                     layer = self.layers.setdefault(key, _Layer())
                     if isinstance(projection, Replacement):
-                        layer.set_rows.append((ids, F.linear(concept.rows.to(projection.weight), projection.weight)))
+                        layer.set_rows.append((start, stop, F.linear(concept.rows.to(projection.weight), projection.weight)))
                     else:
-                        layer.add_rows.append((ids, projection.delta(concept.rows.float())))
+                        layer.add_rows.append((start, stop, projection.delta(concept.rows.float())))
+                start = stop
             for key, projection in global_lora:
                 self.layers.setdefault(key, _Layer()).remove.append(projection)
         self._last: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
+        self._copies: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _placed(self, tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``tensor`` on ``like``'s device (and dtype), copied once per pass rather than at every layer call."""
+        dtype = dtype or like.dtype
+        key = (id(tensor), like.device, dtype)
+        entry = self._copies.get(key)
+        if entry is None or entry[0] is not tensor:
+            entry = self._copies[key] = (tensor, tensor.to(device=like.device, dtype=dtype))
+        return entry[1]
 
     def _hits(self, context: torch.Tensor) -> torch.Tensor:
         """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per context.
@@ -156,7 +166,7 @@ class KVRewriter:
         """
         version = None if context.is_inference() else context._version
         if self._last is None or self._last[0] is not context or self._last[1] != version:
-            table = self.table.to(device=context.device, dtype=context.dtype)
+            table = self._placed(self.table, context)
             # Candidates by each row's first value, then a full comparison of those few rows only.
             if len(table) == 0:
                 hits = torch.empty(0, 3, dtype=torch.long, device=context.device)
@@ -169,8 +179,9 @@ class KVRewriter:
         return self._last[2]
 
     def release(self) -> None:
-        """Drop the cached context."""
+        """Drop the cached context and device copies."""
         self._last = None
+        self._copies.clear()
 
     def rewrite(
         self, key: Key, context: torch.Tensor, output: torch.Tensor, batch_rows: torch.Tensor | None = None
@@ -184,7 +195,7 @@ class KVRewriter:
             return None
         hits = self._hits(context)
         if batch_rows is not None and len(hits):
-            hits = hits[torch.isin(hits[:, 0], batch_rows.to(hits.device))]
+            hits = hits[torch.isin(hits[:, 0], self._placed(batch_rows, hits))]
         self.hits_by_layer[key] = self.hits_by_layer.get(key, 0) + len(hits)
         if not len(hits) and not layer.remove:
             return None
@@ -193,20 +204,15 @@ class KVRewriter:
             taken = sum(projection.delta(context) for projection in layer.remove).to(output.dtype)
             taken[hits[:, 0], hits[:, 1]] = 0  # concept rows keep the WebUI's (W + ΔW)·c'
             output -= taken
-        for ids, values in layer.set_rows:
-            self._write(output, hits, ids, values, add=False)
-        for ids, values in layer.add_rows:
-            self._write(output, hits, ids, values, add=True)
+        for start, stop, values in layer.set_rows:
+            self._write(output, hits, start, stop, values, add=False)
+        for start, stop, values in layer.add_rows:
+            self._write(output, hits, start, stop, values, add=True)
         return output
 
-    @staticmethod
-    def _write(output: torch.Tensor, hits: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, add: bool) -> None:
-        ids = ids.to(hits.device)
-        mine = torch.isin(hits[:, 2], ids)
-        if not mine.any():
-            return
-        selected = hits[mine]
-        rows = values.to(device=output.device, dtype=output.dtype)[selected[:, 2] - ids[0]]
+    def _write(self, output: torch.Tensor, hits: torch.Tensor, start: int, stop: int, values: torch.Tensor, add: bool) -> None:
+        selected = hits[(hits[:, 2] >= start) & (hits[:, 2] < stop)]
+        rows = self._placed(values, output)[selected[:, 2] - start]
         if add:
             output[selected[:, 0], selected[:, 1]] += rows
         else:

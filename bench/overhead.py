@@ -118,7 +118,7 @@ def hook_bytes() -> int:
     if injector is None:
         return 0
     rewriter = injector.rewriter
-    tensors = [rewriter.table] + [t for layer in rewriter.layers.values() for _, t in layer.set_rows + layer.add_rows]
+    tensors = [rewriter.table] + [t for layer in rewriter.layers.values() for _, _, t in layer.set_rows + layer.add_rows]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -9,16 +9,13 @@ import os
 
 import pytest
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import started
+from webui_server import webui_fixture
 
 pytestmark = pytest.mark.skipif(not os.environ.get("ALIGNIT_A1111_DIR"), reason="ALIGNIT_A1111_DIR is not set")
 CPU = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--disable-nan-check"]
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
-    with started("ALIGNIT_A1111", CPU, tmp_path_factory) as url:
-        yield url
+webui = webui_fixture("ALIGNIT_A1111", CPU)
 
 
 @pytest.fixture

@@ -218,6 +218,9 @@ def test_flux_and_sd3_are_refused_with_a_message(forge, monkeypatch):
     p = generate(ForgeProcessing(["a photo of sks"], steps=1), script_args(EMBEDDING))
     assert "applies to SD1.x, SD2.x and SDXL models" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["a photo of sks"]
+    with monkeypatch.context() as m:  # Forge's stand-in before a checkpoint loads (modules/sd_models.py:385)
+        m.setattr(shared, "sd_model", SimpleNamespace(cond_stage_model=None))
+        assert flow.model_problem(forge_flow.HOST) is None
     monkeypatch.setattr(forge.model, "is_sd3", True)
     monkeypatch.setattr(forge.model, "is_sdxl", True)
     p = generate(ForgeProcessing(["a photo of sks"], steps=1), script_args(EMBEDDING))

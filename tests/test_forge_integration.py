@@ -14,16 +14,13 @@ import os
 
 import pytest
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import started
+from webui_server import webui_fixture
 
 pytestmark = pytest.mark.skipif(not os.environ.get("ALIGNIT_FORGE_DIR"), reason="ALIGNIT_FORGE_DIR is not set")
 CPU = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--always-cpu", "--skip-version-check"]
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
-    with started("ALIGNIT_FORGE", CPU, tmp_path_factory) as url:
-        yield url
+webui = webui_fixture("ALIGNIT_FORGE", CPU)
 
 
 @pytest.fixture

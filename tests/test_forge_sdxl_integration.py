@@ -11,7 +11,7 @@ import os
 import pytest
 from test_forge_integration import CPU, hires_extra  # noqa: F401 - the fixture
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
-from webui_server import started
+from webui_server import webui_fixture
 
 SDXL_ARGS = os.environ.get("ALIGNIT_FORGE_SDXL_ARGS")
 pytestmark = pytest.mark.skipif(
@@ -19,7 +19,4 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
-    with started("ALIGNIT_FORGE", CPU, tmp_path_factory, arguments=SDXL_ARGS, family="sdxl") as url:
-        yield url
+webui = webui_fixture("ALIGNIT_FORGE", CPU, SDXL_ARGS, family="sdxl")

@@ -149,12 +149,23 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
 
 def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
     """The WebUI named by ``{prefix}_DIR``, started with ``cpu`` and ``{prefix}_ARGS`` (or ``arguments``), with
-    ``{prefix}_PYTHON`` (default: its ``venv/bin/python``), its log in ``{prefix}_LOG``."""
+    ``{prefix}_PYTHON`` (default: its ``venv/bin/python``), its log in ``{prefix}_LOG``; a context giving its URL."""
     folder = Path(os.environ[f"{prefix}_DIR"])
     python = os.environ.get(f"{prefix}_PYTHON", str(folder / "venv" / "bin" / "python"))
     log = Path(os.environ.get(f"{prefix}_LOG", tmp_path_factory.mktemp("webui") / "server.log"))
     extra = os.environ.get(f"{prefix}_ARGS", "") if arguments is None else arguments
     return running_webui(folder, python, [*cpu, *extra.split()], log, family)
+
+
+def webui_fixture(prefix: str, cpu: Sequence[str], arguments: str | None = None, family: str = "sd15"):
+    """A module-scoped ``webui`` fixture: the URL of the WebUI ``started`` with these settings."""
+
+    @pytest.fixture(scope="module")
+    def webui(tmp_path_factory):
+        with started(prefix, cpu, tmp_path_factory, arguments, family) as url:
+            yield url
+
+    return webui
 
 
 def txt2img(url: str, prompt: str, alignit: list | None = None, mode: str = "txt2img", **extra) -> tuple[bytes, dict]:

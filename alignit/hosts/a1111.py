@@ -13,7 +13,7 @@ from typing import Any
 from modules import shared
 
 from ..concepts import Concept
-from ..engine import ConceptSource, Splicer, TextEncoder, Unsupported
+from ..engine import ConceptSource, NotLoaded, Splicer, TextEncoder, Unsupported
 from ..kv import KVInjector
 from . import a1111_sources
 from .a1111_encoder import A1111Encoder
@@ -43,6 +43,8 @@ class A1111Host:
         retire_hooks()
 
     def encoder(self) -> TextEncoder:
+        if shared.sd_model is None:
+            raise NotLoaded("no checkpoint is loaded yet")
         return A1111Encoder(shared.sd_model.cond_stage_model)
 
     def resolve(self, concept: Concept, encoder: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:

@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from modules import sd_hijack
 
-from ..concepts import Concept, ConceptError, parse_source
-from ..engine import ConceptSource, concept_tokens
-from ..kv import attn2_modules, check_fits, text_lora
+from ..concepts import Concept, parse_source
+from ..engine import ConceptSource
+from ..kv import attn2_modules, text_lora
+from ..sources.files import read_cached
 from ..sources.lora import LoraFactors, load_lora
 from . import webui_sources
 
 
 def source_choices() -> list[str]:
     return webui_sources.source_choices(sd_hijack.model_hijack.embedding_db.word_embeddings)
-
-
-@functools.lru_cache(maxsize=8)
-def _lora(path: str, mtime: float) -> LoraFactors:
-    return load_lora(path)
 
 
 def resolve_embedding(concept: Concept) -> ConceptSource:
@@ -41,24 +36,10 @@ def resolve(concept: Concept, encoder: Any, unet: Any, lora_scope: str, warn: Ca
     modules = attn2_modules(unet)
     if spec.kind == "cd":
         return webui_sources.resolve_custom_diffusion(concept, encoder, modules)
-    path = webui_sources.lora_file(concept)
-    factors = _lora(path, Path(path).stat().st_mtime)
-    if not factors.kv and not factors.text:
-        raise ConceptError(
-            f"LoRA '{spec.name}' has no cross-attention (attn2 to_k/to_v) or text-encoder weights: "
-            "AlignIT cannot confine it to the concept"
-        )
+    factors: LoraFactors = read_cached(load_lora, webui_sources.lora_file(concept))
     kv = {key: projection.times(spec.weight) for key, projection in factors.kv.items()}
-    check_fits(f"LoRA '{spec.name}'", kv, modules)
     text = {key: projection.times(spec.weight) for key, projection in factors.text.items()}
     if factors.text_2:
         warn(f"LoRA '{spec.name}': its OpenCLIP-G text-encoder part is not applied to the concept (CLIP-L's is)")
-    tokens, fixes = concept_tokens(encoder, concept.trigger, {})
-    return ConceptSource(
-        f"lora:{spec.name}",
-        tokens,
-        fixes,
-        text_patch=functools.partial(text_lora, encoder.text_model, text) if text else None,
-        kv=kv if lora_scope == "kv" else {},
-        global_kv=kv if lora_scope == "full" else {},
-    )
+    text_patch = functools.partial(text_lora, encoder.text_model, text) if text else None
+    return webui_sources.resolve_lora(concept, encoder, modules, kv, text_patch, lora_scope)

@@ -15,6 +15,7 @@ deepcopy keeps as they are, so a later clone by another extension still reports 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -44,7 +45,12 @@ def cond_batch_rows(extra_options: dict, batch: int) -> torch.Tensor | None:
     """Batch rows of the cond chunks: the batch is ``len(cond_or_uncond)`` equal chunks, 0 marking cond
     (backend/sampling/sampling_function.py 231-257)."""
     order = extra_options.get("cond_or_uncond")
-    if not order or batch % len(order):
+    return _cond_rows(tuple(order), batch) if order else None
+
+
+@functools.lru_cache(maxsize=32)
+def _cond_rows(order: tuple[int, ...], batch: int) -> torch.Tensor | None:
+    if batch % len(order):
         return None
     size = batch // len(order)
     rows = [chunk * size + i for chunk, kind in enumerate(order) if kind == 0 for i in range(size)]

@@ -15,7 +15,7 @@ from backend.text_processing.classic_engine import PromptChunkFix
 from modules import shared
 
 from ..concepts import ConceptError
-from ..engine import Unsupported, check_same_layout
+from ..engine import NotLoaded, Unsupported, check_same_layout
 from ..layout import Chunk, EmbeddingMatch, LayoutOptions
 
 COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read from the setting as on A1111
@@ -23,6 +23,8 @@ COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read f
 
 def text_engines(sd_model: Any) -> list[Any]:
     """The model's classic text engines; Unsupported for models AlignIT cannot reach (Flux, SD3)."""
+    if getattr(sd_model, "forge_objects", None) is None:  # modules/sd_models.py:385 FakeInitialModel, until a load
+        raise NotLoaded("no checkpoint is loaded yet")
     if getattr(sd_model, "is_sd3", False) or not (
         getattr(sd_model, "is_sd1", False) or getattr(sd_model, "is_sd2", False) or getattr(sd_model, "is_sdxl", False)
     ):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -16,9 +15,9 @@ from backend.patcher.lora import load_lora, merge_lora_to_weight, model_lora_key
 from modules import shared
 
 from ..concepts import Concept, ConceptError, parse_source
-from ..engine import ConceptSource, concept_tokens
-from ..kv import Delta, Dense, Key, LowRank, attn2_modules, check_fits, text_lora
-from ..sources.files import flatten, load_tensors
+from ..engine import ConceptSource, Unsupported
+from ..kv import Delta, Dense, Key, LowRank, attn2_modules, text_lora
+from ..sources.files import flatten, load_tensors, read_cached
 from ..sources.names import text_module
 from . import webui_sources
 from .forge_encoder import ForgeEncoder, text_engines
@@ -30,7 +29,7 @@ def embedding_names() -> list[str]:
     """The embeddings the loaded model's first text engine knows (none while no model is loaded)."""
     try:
         return list(text_engines(shared.sd_model)[0].embeddings.word_embeddings)
-    except Exception:  # no model loaded yet, or one AlignIT does not apply to
+    except Unsupported:  # no checkpoint loaded yet, or one AlignIT does not apply to
         return []
 
 
@@ -58,8 +57,7 @@ def _text_loras(models: list[torch.nn.Module], parts: list[dict[str, Delta]]) ->
         yield
 
 
-@functools.lru_cache(maxsize=8)
-def _tensors(path: str, mtime: float) -> Mapping[str, torch.Tensor]:
+def _tensors(path: str) -> Mapping[str, torch.Tensor]:
     return flatten(load_tensors(path))
 
 
@@ -102,18 +100,7 @@ def resolve(concept: Concept, encoder: ForgeEncoder, sd_model: Any, lora_scope: 
     modules = attn2_modules(sd_model.forge_objects.unet.model.diffusion_model)
     if spec.kind == "cd":
         return webui_sources.resolve_custom_diffusion(concept, encoder, modules)
-    path = webui_sources.lora_file(concept)
-    kv, text, unmatched = lora_parts(sd_model, encoder, _tensors(path, os.path.getmtime(path)), spec.weight)
-    if not kv and not any(text):
-        why = "was made for another model family" if unmatched else "has no attn2 to_k/to_v or text-encoder weights"
-        raise ConceptError(f"LoRA '{spec.name}' {why}: AlignIT cannot confine it to the concept")
-    check_fits(f"LoRA '{spec.name}'", kv, modules)
-    tokens, fixes = concept_tokens(encoder, concept.trigger, {})
-    return ConceptSource(
-        f"lora:{spec.name}",
-        tokens,
-        fixes,
-        text_patch=functools.partial(_text_loras, encoder.text_models, text) if any(text) else None,
-        kv=kv if lora_scope == "kv" else {},
-        global_kv=kv if lora_scope == "full" else {},
-    )
+    tensors = read_cached(_tensors, webui_sources.lora_file(concept))
+    kv, text, unmatched = lora_parts(sd_model, encoder, tensors, spec.weight)
+    text_patch = functools.partial(_text_loras, encoder.text_models, text) if any(text) else None
+    return webui_sources.resolve_lora(concept, encoder, modules, kv, text_patch, lora_scope, other_family=bool(unmatched))

@@ -27,7 +27,7 @@ from modules import extra_networks, prompt_parser, sd_samplers, shared
 
 from .. import args as alignit_args
 from ..concepts import Concept, ConceptError, Options, parse_source
-from ..engine import ConceptSource, LayoutMismatch, Splicer, TextEncoder, Unsupported
+from ..engine import ConceptSource, LayoutMismatch, NotLoaded, Splicer, TextEncoder, Unsupported
 from ..kv import Key
 from ..prompt import rewrite_prompt, set_lora_tag
 
@@ -74,11 +74,10 @@ class Host(Protocol):
 
 def model_problem(host: Host) -> str | None:
     """Why AlignIT cannot work with the loaded model, or None when it can (or no model is loaded yet)."""
-    model = getattr(shared, "sd_model", None)
-    if model is None or type(model).__name__ == "FakeInitialModel":  # Forge's stand-in until a checkpoint loads
-        return None
     try:
         host.encoder()
+    except NotLoaded:
+        return None
     except Unsupported as error:
         return str(error)
     return None
@@ -108,11 +107,14 @@ class Generation:
     """AlignIT's state for one ``p``: the host, the splicer and the plans of the current batch."""
 
     host: Host
-    options: Options
     splicer: Splicer
     first: PassPlan | None = None
     hires: PassPlan | None = None
     kv: KVMechanism | None = None
+
+    @property
+    def options(self) -> Options:
+        return self.splicer.options
 
     def lora_tags(self) -> dict[str, str | None]:
         """LoRA name → the tag the prompt must carry for it (None: no tag), for every concept bound to a LoRA."""
@@ -174,7 +176,7 @@ def start(p: Any, host: Host, enabled: bool, options: Options) -> Generation | N
     p.cached_c = _own_cache(p.cached_c)
     if hasattr(p, "cached_hr_c"):
         p.cached_hr_c = _own_cache(p.cached_hr_c)
-    generation = Generation(host, options, splicer)
+    generation = Generation(host, splicer)
     setattr(p, STATE_ATTRIBUTE, generation)
     return generation
 

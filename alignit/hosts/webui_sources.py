@@ -4,8 +4,8 @@ extension's list (``networks``, in both), and AlignIT's Custom Diffusion folder 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,9 @@ from modules import paths, shared
 
 from ..concepts import Concept, ConceptError, parse_source
 from ..engine import ConceptSource, concept_tokens
-from ..kv import Key, check_fits
+from ..kv import Delta, Key, check_fits
 from ..sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
+from ..sources.files import read_cached
 
 CD_DIR_OPTION = "alignit_custom_diffusion_dir"
 
@@ -71,21 +72,43 @@ def find_embedding(concept: Concept, database: Any) -> Any:
     raise ConceptError(f"concept '{concept.trigger}': no embedding named '{concept.source_name}' is loaded")
 
 
-@functools.lru_cache(maxsize=8)
-def _custom_diffusion(path: str, mtime: float) -> CustomDiffusionDelta:
-    return load_custom_diffusion(path)
-
-
 def resolve_custom_diffusion(concept: Concept, encoder: Any, modules: dict[Key, Any]) -> ConceptSource:
     """A ``cd:NAME`` concept: the delta's K/V weights, checked against the UNet's modules, and its modifier tokens."""
     name = parse_source(concept).name
     path = custom_diffusion_files().get(name)
     if path is None:
         raise ConceptError(f"concept '{concept.trigger}': no Custom Diffusion delta '{name}' in {custom_diffusion_dir()}")
-    delta = _custom_diffusion(str(path), path.stat().st_mtime)
+    delta: CustomDiffusionDelta = read_cached(load_custom_diffusion, path)
     check_fits(f"Custom Diffusion delta '{name}'", delta.kv, modules)
     for token, vectors in delta.modifier_tokens.items():
         if vectors.shape[-1] != encoder.width:
             raise ConceptError(f"'{name}': modifier token {token} is {vectors.shape[-1]} wide, this text encoder {encoder.width}")
     tokens, fixes = concept_tokens(encoder, concept.trigger, delta.modifier_tokens)
     return ConceptSource(f"cd:{name}", tokens, fixes, kv=delta.kv)
+
+
+def resolve_lora(
+    concept: Concept,
+    encoder: Any,
+    modules: dict[Key, Any],
+    kv: Mapping[Key, Delta],
+    text_patch: Callable[[], contextlib.AbstractContextManager[None]] | None,
+    lora_scope: str,
+    other_family: bool = False,
+) -> ConceptSource:
+    """A ``lora:NAME`` concept from its K/V parts (checked against the UNet's modules) and its text-encoder patch;
+    ``other_family``: its keys named modules this model does not have."""
+    name = parse_source(concept).name
+    if not kv and text_patch is None:
+        why = "was made for another model family" if other_family else "has no attn2 to_k/to_v or text-encoder weights"
+        raise ConceptError(f"LoRA '{name}' {why}: AlignIT cannot confine it to the concept")
+    check_fits(f"LoRA '{name}'", kv, modules)
+    tokens, fixes = concept_tokens(encoder, concept.trigger, {})
+    return ConceptSource(
+        f"lora:{name}",
+        tokens,
+        fixes,
+        text_patch=text_patch,
+        kv=kv if lora_scope == "kv" else {},
+        global_kv=kv if lora_scope == "full" else {},
+    )

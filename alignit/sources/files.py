@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ..concepts import ConceptError
+
+T = TypeVar("T")
 
 
 def load_tensors(path: str | Path) -> dict[str, Any]:
@@ -41,3 +44,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def read_cached(reader: Callable[[str], T], path: str | Path) -> T:
+    """``reader(path)``, kept while the file's modification time stays the same (a few files at a time)."""
+    return _read_cached(reader, str(path), Path(path).stat().st_mtime)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(reader: Callable[[str], Any], path: str, mtime: float) -> Any:
+    return reader(path)
