@@ -11,7 +11,7 @@ import torch
 
 from .concepts import Concept, Options, SourceKind, SourceSpec, parse_source
 from .errors import ConceptError, LayoutMismatch
-from .kv import ConceptKV, Key, LowRank, Projection
+from .kv import ConceptRows, Delta, Key, MarkedChunk, Projection
 from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_prompt
 from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
@@ -62,7 +62,8 @@ class ConceptSource:
     tokens: what the concept occupies in p' (0 where embedding vectors go); fixes: (offset in the concept, handle).
     text_patch: customizes the host's text encoder while p' is encoded (a text-encoder LoRA).
     kv: per cross-attention projection, the concept's own weights (UNet LoRA, Custom Diffusion).
-    global_kv: a LoRA the WebUI applies to the whole UNet ("full" scope), to be taken out of every other row.
+    global_kv: the part of ``kv`` the host applies to the whole UNet itself (a LoRA in the "full" scope), which
+    the K/V rewriting takes back out of every row before giving the concept rows theirs.
     """
 
     name: str
@@ -70,7 +71,7 @@ class ConceptSource:
     fixes: tuple[tuple[int, Any], ...] = ()
     text_patch: Callable[[], contextlib.AbstractContextManager[None]] | None = None
     kv: Mapping[Key, Projection] = field(default_factory=dict)
-    global_kv: Mapping[Key, LowRank] = field(default_factory=dict)
+    global_kv: Mapping[Key, Delta] = field(default_factory=dict)
 
     @classmethod
     def embedding(cls, name: str, vectors: int, handle: Any) -> ConceptSource:
@@ -79,7 +80,7 @@ class ConceptSource:
 
     @property
     def weight_side(self) -> bool:
-        return bool(self.kv or self.global_kv)
+        return bool(self.kv)
 
 
 class SourceResolver(Protocol):
@@ -129,7 +130,7 @@ class Splicer:
     options: Options
     warnings: list[str] = field(default_factory=list)
     _dummy_rows: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    _written: dict[int, dict[bytes, torch.Tensor]] = field(default_factory=dict)
+    _marked: dict[bytes, MarkedChunk] = field(default_factory=dict)
     _layouts: dict[str, list[Chunk]] = field(default_factory=dict)
     _placeholder: int | None = None
 
@@ -171,7 +172,8 @@ class Splicer:
         """Do all the work of a prompt text that does not need p's conditioning: layout, check, encode p'."""
         for chunk in self.layout(marked_text):
             for span in chunk.spans:
-                self.concept_rows(chunk, span)
+                if self.options.concepts[span.concept].strength:
+                    self.concept_rows(chunk, span)
 
     def splice(self, marked_text: str, rows: torch.Tensor) -> torch.Tensor:
         """AlignIT's conditioning for one prompt text, given p's (``rows``: 77k x C, as the host encoded it)."""
@@ -179,17 +181,16 @@ class Splicer:
         if rows.shape[0] < len(chunks) * CHUNK_ROWS:
             raise LayoutMismatch(f"{rows.shape[0]} rows of conditioning for a prompt of {len(chunks)} chunks")
         out = rows.clone()
+        strengths = [concept.strength for concept in self.options.concepts]
         for i, chunk in enumerate(chunks):
-            spans = {span: self.concept_rows(chunk, span) for span in chunk.spans}
+            # At strength 0 a concept is the class word: its span keeps p's rows, whatever their count.
+            spans = {span: self.concept_rows(chunk, span) for span in chunk.spans if strengths[span.concept]}
             if not spans:
                 continue
             window = slice(i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS)
-            strengths = [concept.strength for concept in self.options.concepts]
             spliced = splice_chunk(rows[window], chunk, spans, strengths)
             out[window] = spliced.rows
-            for span, block in spliced.written.items():
-                if self.sources[span.concept].weight_side:
-                    self._written.setdefault(span.concept, {}).update({row.numpy().tobytes(): row for row in block.cpu()})
+            self._mark(spliced.rows, spans, spliced.placed, strengths)
             if spliced.dropped_concept_rows:
                 self.warn(
                     f"chunk {i + 1} of '{strip_markers(marked_text)[:60]}' is full: "
@@ -210,12 +211,34 @@ class Splicer:
         ]
         return refine_schedule(schedule, aligned, self.options.step_start, self.options.step_end)
 
-    def kv_concepts(self) -> list[ConceptKV]:
-        """The weight-side concepts with every row spliced so far, for the K/V hooks."""
-        return [ConceptKV(torch.stack(list(rows.values())), self.sources[i].kv) for i, rows in sorted(self._written.items())]
+    def _mark(
+        self,
+        rows: torch.Tensor,
+        concept_rows: Mapping[Span, torch.Tensor],
+        placed: Mapping[Span, list[tuple[int, int]]],
+        strengths: Sequence[float],
+    ) -> None:
+        """Remember a spliced chunk that holds weight-side concept rows (strength 0 changes nothing: not kept)."""
+        held = []
+        for span, where in placed.items():
+            strength = strengths[span.concept]
+            if self.sources[span.concept].weight_side and where:
+                c_rows = concept_rows[span].cpu().float()[[j for _, j in where]]
+                held.append(ConceptRows(span.concept, tuple(position for position, _ in where), c_rows, strength))
+        if held:
+            chunk = rows.detach().cpu()
+            self._marked.setdefault(bytes(chunk.contiguous().view(torch.uint8).numpy()), MarkedChunk(chunk, tuple(held)))
 
-    def global_kv(self) -> list[tuple[Key, LowRank]]:
-        """The LoRAs the WebUI applies to the whole UNet for concepts in the "full" scope."""
+    def kv_chunks(self) -> list[MarkedChunk]:
+        """Every chunk spliced so far that holds weight-side concept rows, for the host's K/V mechanism."""
+        return list(self._marked.values())
+
+    def kv_weights(self) -> list[Mapping[Key, Projection]]:
+        """Each concept's K/V weights (``ConceptRows.concept`` indexes this list)."""
+        return [source.kv for source in self.sources]
+
+    def global_kv(self) -> list[tuple[Key, Delta]]:
+        """What the host applies to the whole UNet for concepts in the "full" scope, to be taken out of every row."""
         return [item for source in self.sources for item in source.global_kv.items()]
 
     def warn(self, message: str) -> None:

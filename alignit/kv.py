@@ -1,18 +1,27 @@
-"""Key/value injection for weight-side concepts (LoRA, Custom Diffusion).
+"""Keys and values for weight-side concepts (LoRA, Custom Diffusion), rewritten at the concept rows only.
 
-A concept's rows c' reach every cross-attention layer inside the conditioning; its keys and values must be
-``(W + ΔW)·c'`` (LoRA) or ``W_cd·c'`` (Custom Diffusion) while every other row keeps ``W·c``. ``KVRewriter`` finds
-the concept rows in a layer's context by their values (so no batch layout is assumed: cond/uncond order, AND parts,
-batch size, padding and tiling do not matter) and rewrites those rows of the projection's output only. ``ΔW·c'`` is
-computed once per pass; a LoRA stays low-rank. In the "full" scope the WebUI applies the LoRA to the whole UNet, and
-the rewriter takes ``ΔW·x`` back out of every other row. Hosts run it from forward hooks on ``attn2.to_k``/``to_v``
-(``KVInjector``, A1111) or from attention patches (``hosts/forge_attention.py``).
+A concept's rows c' reach every cross-attention layer inside the conditioning, blended by the concept's strength s
+towards the class word's rows: ``c_s = lerp(c_class, c', s)``. Its keys and values must be
+``lerp(W·c_class, (W + ΔW)·c', s)`` (LoRA) or ``lerp(W·c_class, W_cd·c', s)`` (Custom Diffusion), while every other
+row keeps ``W·c``. The layer computes ``W·c_s``, which is ``lerp(W·c_class, W·c', s)`` (K is linear in c), so the
+rewriter adds ``s·ΔW·c'`` (LoRA) or ``s·(W_cd·c' − W·c')`` (Custom Diffusion) there. At s = 0 the splice keeps the
+class word's own rows and nothing is rewritten.
+
+Which rows are concept rows is decided per 77-row chunk, not per row: a chunk of a layer's context holds a concept
+only if it is bit for bit a chunk AlignIT spliced (``MarkedChunk``), and then the concept rows are the positions the
+splice put them at. A row of another prompt, of the negative prompt or of an AND part that happens to equal a concept
+row is never touched. No batch layout is assumed (cond/uncond order, AND parts, batch size, padding, tiling).
+
+Per UNet call the chunks of the context are compared once with the table; per layer the rewrite is one gather and
+one ``index_add_`` over the concept rows of every chunk window, masked by that comparison: no host-device
+synchronisation. In the "full" scope the WebUI applies the LoRA to the whole UNet and the rewriter takes ``ΔW·x``
+back out of every row first. Hosts run it from forward hooks (``hosts/webui/ldm.py``), attention patches
+(``hosts/webui/forge_attention.py``) or attention processors.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import ConceptError
 
-log = logging.getLogger("alignit")
+CHUNK = 77  # rows of one chunk of conditioning
 
 
 @dataclass(frozen=True)
@@ -96,118 +105,179 @@ def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Ke
             raise ConceptError(f"'{name}' was made for another model: {key[0]}.to_{key[1]} is {projection.shape}, here {have}")
 
 
-@dataclass
-class ConceptKV:
-    """One weight-side concept: its rows as spliced into the conditioning, and its per-layer projections."""
+@dataclass(frozen=True)
+class ConceptRows:
+    """One weight-side concept's rows in a spliced chunk: their positions, c' there (before the strength blend), s."""
+
+    concept: int
+    positions: tuple[int, ...]
+    rows: torch.Tensor
+    strength: float
+
+
+@dataclass(frozen=True)
+class MarkedChunk:
+    """A 77-row chunk of conditioning exactly as AlignIT spliced it, and the weight-side concept rows it holds."""
 
     rows: torch.Tensor
-    weights: Mapping[Key, Projection]
+    concepts: tuple[ConceptRows, ...]
+
+
+Project = Callable[[Key, torch.Tensor], torch.Tensor]
+"""The host's own projection of rows by a layer (``W·x``, as the layer computes it now), for Custom Diffusion."""
+
+
+@dataclass
+class _Entry:
+    chunk: int
+    concept: ConceptRows
+    projection: Projection
 
 
 @dataclass
 class _Layer:
-    set_rows: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (table rows start, stop, rows to write)
-    add_rows: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (table rows start, stop, rows to add)
-    remove: list[Delta] = field(default_factory=list)  # full scope: ΔW·x taken out of every other row
+    entries: list[_Entry] = field(default_factory=list)
+    remove: list[Delta] = field(default_factory=list)  # full scope: ΔW·x taken out of every row
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A layer's concept rows on the output's device: per window, the row index in the context and its table chunk."""
+
+    index: torch.Tensor  # (windows · n,) rows of the context
+    chunk_of_row: torch.Tensor  # (n,) table chunk of each concept row
+    delta: torch.Tensor  # (n, out) what each concept row gets added
 
 
 class KVRewriter:
     """Rewrites one cross-attention projection's output: the concept rows get their customized keys/values.
 
     Host-agnostic: a host calls ``rewrite`` with the context that went into ``to_k``/``to_v`` and what came out.
+    ``weights[i]`` are concept i's projections (``ConceptRows.concept`` indexes them); ``project`` is needed when one
+    is a Custom Diffusion ``Replacement``.
     """
 
-    def __init__(self, concepts: Sequence[ConceptKV], global_lora: Sequence[tuple[Key, Delta]] = ()):
-        rows = [concept.rows for concept in concepts if len(concept.rows)]
-        self.table = torch.cat(rows) if rows else torch.empty(0)
-        self.hits_by_layer: dict[Key, int] = {}
+    def __init__(
+        self,
+        chunks: Sequence[MarkedChunk],
+        weights: Sequence[Mapping[Key, Projection]],
+        global_lora: Sequence[tuple[Key, Delta]] = (),
+        project: Project | None = None,
+    ):
+        self.table = torch.stack([chunk.rows for chunk in chunks]) if chunks else torch.empty(0)
+        self.project = project
         self.layers: dict[Key, _Layer] = {}
-        start = 0
-        with torch.no_grad():
-            for concept in concepts:
-                stop = start + len(concept.rows)
-                for key, projection in concept.weights.items():
-                    layer = self.layers.setdefault(key, _Layer())
-                    if isinstance(projection, Replacement):
-                        layer.set_rows.append((start, stop, F.linear(concept.rows.to(projection.weight), projection.weight)))
-                    else:
-                        layer.add_rows.append((start, stop, projection.delta(concept.rows.float())))
-                start = stop
-            for key, projection in global_lora:
-                self.layers.setdefault(key, _Layer()).remove.append(projection)
-        self._last: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
-        self._copies: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        for index, chunk in enumerate(chunks):
+            for concept in chunk.concepts:
+                for key, projection in weights[concept.concept].items():
+                    if isinstance(projection, Replacement) and project is None:
+                        raise ValueError("a Custom Diffusion concept needs the host's projection")
+                    self.layers.setdefault(key, _Layer()).entries.append(_Entry(index, concept, projection))
+        for key, delta in global_lora:
+            self.layers.setdefault(key, _Layer()).remove.append(delta)
+        self._seen: dict[Key, list[torch.Tensor]] = {}
+        self._match: tuple[torch.Tensor, int | None, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
+        self._prepared: dict[tuple[Key, torch.device, torch.dtype, int], _Prepared] = {}
+        self._placed_table: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def _placed(self, tensor: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``tensor`` on ``like``'s device (and dtype), copied once per pass rather than at every layer call."""
-        dtype = dtype or like.dtype
-        key = (id(tensor), like.device, dtype)
-        entry = self._copies.get(key)
-        if entry is None or entry[0] is not tensor:
-            entry = self._copies[key] = (tensor, tensor.to(device=like.device, dtype=dtype))
-        return entry[1]
+    def _matches(self, context: torch.Tensor, batch_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, windows, chunks) bool: which 77-row windows of the context are which marked chunk, and their count
+        (a device scalar). Computed once per context: every layer of one UNet call sees the same context object.
 
-    def _hits(self, context: torch.Tensor) -> torch.Tensor:
-        """(n, 3) indices ``(batch, token, table row)`` of the concept rows in a context; cached per context.
-
-        The cache holds the context itself, so its memory cannot pass to the next step's context while the entry
-        lives (an address says nothing then); inference tensors (Forge samples in inference mode) have no version
-        counter and are never written in place between the layers of one UNet call.
+        The cache holds the context itself, so its memory cannot pass to the next step's context while the entry lives;
+        inference tensors (Forge samples in inference mode) have no version counter and are never written in place
+        between the layers of one UNet call.
         """
         version = None if context.is_inference() else context._version
-        if self._last is None or self._last[0] is not context or self._last[1] != version:
-            table = self._placed(self.table, context)
-            # Candidates by each row's first value, then a full comparison of those few rows only.
-            if len(table) == 0:
-                hits = torch.empty(0, 3, dtype=torch.long, device=context.device)
-            else:
-                hits = (context[..., :1] == table[:, 0]).nonzero()
-            if len(hits):
-                same = (context[hits[:, 0], hits[:, 1]] == table[hits[:, 2]]).all(-1)
-                hits = hits[same]
-            self._last = (context, version, hits)
-        return self._last[2]
+        cached = self._match
+        if cached is not None and cached[0] is context and cached[1] == version and cached[2] is batch_rows:
+            return cached[3], cached[4]
+        batch, length, width = context.shape
+        windows = length // CHUNK
+        if len(self.table) == 0 or windows == 0:
+            match = torch.zeros(batch, windows, len(self.table), dtype=torch.bool, device=context.device)
+        else:
+            table = self._placed_table.get((context.device, context.dtype))
+            if table is None:
+                table = self._placed_table[(context.device, context.dtype)] = self.table.to(context)
+            framed = context[:, : windows * CHUNK].reshape(batch, windows, CHUNK, width)
+            match = torch.stack([(framed == chunk).all(-1).all(-1) for chunk in table], dim=-1)
+            if batch_rows is not None:
+                allowed = torch.zeros(batch, dtype=torch.bool, device=context.device)
+                allowed[batch_rows.to(context.device)] = True
+                match &= allowed[:, None, None]
+        count = match.sum()
+        self._match = (context, version, batch_rows, match, count)
+        return match, count
 
-    def release(self) -> None:
-        """Drop the cached context and device copies."""
-        self._last = None
-        self._copies.clear()
+    def _prepare(self, key: Key, layer: _Layer, output: torch.Tensor, windows: int) -> _Prepared:
+        """The layer's concept rows and what they get, on the output's device and dtype (once per pass)."""
+        cache_key = (key, output.device, output.dtype, windows)
+        prepared = self._prepared.get(cache_key)
+        if prepared is not None:
+            return prepared
+        positions: list[int] = []
+        chunks: list[int] = []
+        deltas = []
+        with torch.no_grad():
+            for entry in layer.entries:
+                rows = entry.concept.rows.float()
+                if isinstance(entry.projection, Replacement):
+                    assert self.project is not None
+                    own = F.linear(rows, entry.projection.weight.float())
+                    delta = own - self.project(key, entry.concept.rows.to(output)).float().cpu()
+                else:
+                    delta = entry.projection.delta(rows)
+                positions += entry.concept.positions
+                chunks += [entry.chunk] * len(entry.concept.positions)
+                deltas.append(delta * entry.concept.strength)
+        row_index = torch.tensor(positions, dtype=torch.long)
+        index = (torch.arange(windows)[:, None] * CHUNK + row_index[None]).reshape(-1)
+        prepared = _Prepared(
+            index.to(output.device),
+            torch.tensor(chunks, dtype=torch.long, device=output.device),
+            torch.cat(deltas).to(output),
+        )
+        self._prepared[cache_key] = prepared
+        return prepared
 
     def rewrite(
         self, key: Key, context: torch.Tensor, output: torch.Tensor, batch_rows: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """``output`` (= the base projection of ``context``) with the concept rows rewritten; None: nothing to change.
+    ) -> torch.Tensor:
+        """``output`` (= the host's projection of ``context``) with the concept rows rewritten, in place.
 
         batch_rows: when given, the batch rows that may hold concept rows (the cond rows); others are left alone.
+        Everything is computed before the first write, so a failure leaves ``output`` as it was.
         """
         layer = self.layers.get(key)
         if layer is None:
-            return None
-        hits = self._hits(context)
-        if batch_rows is not None and len(hits):
-            hits = hits[torch.isin(hits[:, 0], self._placed(batch_rows, hits))]
-        self.hits_by_layer[key] = self.hits_by_layer.get(key, 0) + len(hits)
-        if not len(hits) and not layer.remove:
-            return None
-        output = output.clone()
-        if layer.remove:
-            taken = sum(projection.delta(context) for projection in layer.remove).to(output.dtype)
-            taken[hits[:, 0], hits[:, 1]] = 0  # concept rows keep the WebUI's (W + ΔW)·c'
+            return output
+        removed = [delta.delta(context).to(output.dtype) for delta in layer.remove]
+        added = None
+        if layer.entries:
+            match, count = self._matches(context, batch_rows)
+            batch, windows = match.shape[:2]
+            prepared = self._prepare(key, layer, output, windows)
+            hit = match[:, :, prepared.chunk_of_row, None]  # (batch, windows, n, 1)
+            zero = torch.zeros((), dtype=output.dtype, device=output.device)
+            added = (prepared.index, torch.where(hit, prepared.delta, zero).reshape(batch, -1, output.shape[-1]))
+            seen = self._seen.setdefault(key, [])
+            if not seen or seen[-1] is not count:
+                seen.append(count)
+        for taken in removed:
             output -= taken
-        for start, stop, values in layer.set_rows:
-            self._write(output, hits, start, stop, values, add=False)
-        for start, stop, values in layer.add_rows:
-            self._write(output, hits, start, stop, values, add=True)
+        if added is not None:
+            output.index_add_(1, *added)
         return output
 
-    def _write(self, output: torch.Tensor, hits: torch.Tensor, start: int, stop: int, values: torch.Tensor, add: bool) -> None:
-        selected = hits[(hits[:, 2] >= start) & (hits[:, 2] < stop)]
-        rows = self._placed(values, output)[selected[:, 2] - start]
-        if add:
-            output[selected[:, 0], selected[:, 1]] += rows
-        else:
-            output[selected[:, 0], selected[:, 1]] = rows
+    def release(self) -> None:
+        """Drop the cached context match and device copies."""
+        self._match = None
+        self._prepared.clear()
+        self._placed_table.clear()
 
     def unmatched_layers(self) -> list[Key]:
-        """Layers that ran without ever seeing a concept row (a hypernetwork or UNet replacement in the way)."""
-        return [key for key, count in self.hits_by_layer.items() if count == 0]
+        """Layers that ran without ever meeting a marked chunk (a hypernetwork or UNet replacement in the way).
+
+        Reads the counts back from the device: call it once, after the pass."""
+        return [key for key, counts in self._seen.items() if not int(torch.stack(counts).sum())]

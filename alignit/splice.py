@@ -57,11 +57,12 @@ def dummy_chunk(chunk: Chunk, span: Span, concept: Sequence[int], placeholder: i
 
 @dataclass(frozen=True)
 class SplicedChunk:
-    """The chunk's new rows, and each span's rows as written (blended by strength)."""
+    """The chunk's new rows; where each span's concept rows landed: ``placed[span]`` = (row in the chunk, index into
+    the span's concept rows), for the rows that fit."""
 
     rows: torch.Tensor
     dropped_concept_rows: int
-    written: dict[Span, torch.Tensor]
+    placed: dict[Span, list[tuple[int, int]]]
 
 
 def _class_rows_for(rows: torch.Tensor, span: Span, count: int) -> torch.Tensor:
@@ -78,7 +79,7 @@ def splice_chunk(
     Spans missing from ``concept_rows`` keep p's rows. ``strengths[concept]`` < 1 blends towards the class word's rows.
     """
     blocks: list[torch.Tensor] = [rows]
-    written: dict[Span, torch.Tensor] = {}
+    spans: list[Span | None] = [None]
     order: list[tuple[int, int, bool]] = []  # (block, row, removable padding)
     starts = {span.start: span for span in concept_rows}
     row = 0
@@ -93,7 +94,7 @@ def splice_chunk(
         if strength != 1.0 and len(block):
             block = torch.lerp(_class_rows_for(rows, span, len(block)), block, strength)
         blocks.append(block)
-        written[span] = block
+        spans.append(span)
         order += [(len(blocks) - 1, j, False) for j in range(len(block))]
         row += span.length
 
@@ -113,4 +114,9 @@ def splice_chunk(
         offsets.append(offsets[-1] + len(block))
     stacked = torch.cat(blocks)
     index = torch.tensor([offsets[block] + j for block, j, _ in order], device=rows.device)
-    return SplicedChunk(stacked.index_select(0, index), dropped, written)
+    placed: dict[Span, list[tuple[int, int]]] = {span: [] for span in concept_rows}
+    for position, (block, j, _) in enumerate(order):
+        span = spans[block]
+        if span is not None:
+            placed[span].append((position, j))
+    return SplicedChunk(stacked.index_select(0, index), dropped, placed)

@@ -28,7 +28,7 @@ import webui_flow
 from backend.patcher.base import ModelPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 from modules import prompt_parser, shared
-from webui_flow import Processing
+from webui_flow import Processing, crossattn
 
 from alignit.hosts.webui.forge import ForgeHost
 
@@ -148,10 +148,6 @@ def forge_attention(unet, transformer_options):
             del module.forward
 
 
-def _crossattn(cond):
-    return cond["crossattn"] if isinstance(cond, dict) else cond
-
-
 class ForgeProcessing(Processing):
     """Processing with Forge's three-entry caches and Forge's sampler batching."""
 
@@ -159,9 +155,8 @@ class ForgeProcessing(Processing):
     cached_uc = [None, None, None]
     cached_hr_c = [None, None, None]
 
-    def __init__(self, *args, uc_chunks=1, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.uc_chunks = uc_chunks
         self.seen_options: list[dict] = []
 
     @property
@@ -176,8 +171,8 @@ class ForgeProcessing(Processing):
             if step == self.fail_at_step:
                 raise RuntimeError("sampling failed")
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
-            cond = _crossattn(cond)
-            uncond = torch.zeros(cond.shape[0], 77 * self.uc_chunks, cond.shape[-1])
+            cond = crossattn(cond)
+            uncond = crossattn(prompt_parser.reconstruct_cond_batch(self.uc, step))
             length = math.lcm(cond.shape[1], uncond.shape[1])
             context = torch.cat([uncond.repeat(1, length // uncond.shape[1], 1), cond.repeat(1, length // cond.shape[1], 1)])
             options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0])

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import kv_checks
 import networks
 import pytest
 import torch
@@ -129,7 +130,8 @@ def test_custom_diffusion_with_its_modifier_token(webui, seen):
     p = generate(Processing(["a <new1> cat playing badminton"], steps=1), script_args(CD))
     assert p.comments == {} and p.prompts == ["a cat playing badminton"]
     for key, context, out in seen:
-        assert torch.equal(out[2:4], F.linear(context[2:4], webui.cd[key]))  # <new1>, cat: W_cd·c'
+        # <new1>, cat: W_cd·c', computed as W·c' + (W_cd·c' - W·c')
+        torch.testing.assert_close(out[2:4], F.linear(context[2:4], webui.cd[key]), rtol=1e-5, atol=1e-5)
         weight = attn2_modules(webui.unet)[key].weight
         assert torch.equal(out[4:], F.linear(context, weight)[4:])
 
@@ -143,7 +145,7 @@ def test_three_kinds_of_concept_in_one_prompt(webui, seen):
     for key, context, out in seen:
         weight = attn2_modules(webui.unet)[key].weight
         assert torch.equal(out[1:3], F.linear(context, weight)[1:3])  # a textual inversion changes no weight
-        assert torch.equal(out[5:7], F.linear(context[5:7], webui.cd[key]))
+        torch.testing.assert_close(out[5:7], F.linear(context[5:7], webui.cd[key]), rtol=1e-5, atol=1e-5)
         concept = context[8 : 8 + n]
         torch.testing.assert_close(
             out[8 : 8 + n], F.linear(concept, weight) + low_rank(webui, key, 0.8)(concept), rtol=1e-5, atol=1e-6
@@ -189,3 +191,54 @@ def test_a_hypernetwork_keeps_weight_side_concepts_out(webui, monkeypatch):
     p = generate(Processing(["<sks> meets ohwx"], steps=1), script_args(["<sks>", "dog", "sks", 1.0], LORA))
     assert "a hypernetwork is active" in p.extra_generation_params["AlignIT warning"]
     assert p.prompts == ["dog meets ohwx"]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every attn2 to_k/to_v call of every UNet call ((layer, proj), context, output), observed after AlignIT's hooks;
+    ``take()`` returns the calls so far and starts afresh."""
+    calls: list = []
+    handles: list = []
+    original = flow.before_sampling
+
+    def observed(p, c):
+        original(p, c)
+        for handle in handles:
+            handle.remove()
+        handles[:] = [
+            module.register_forward_hook(lambda m, i, o, k=key: calls.append((k, i[0].clone(), o.clone())))
+            for key, module in attn2_modules(shared.sd_model.unet).items()
+        ]
+
+    def take():
+        taken = list(calls)
+        calls.clear()
+        return taken
+
+    monkeypatch.setattr(webui_flow.flow, "before_sampling", observed)
+    yield take
+    for handle in handles:
+        handle.remove()
+
+
+def run_batch(prompts, *rows, enabled=True):
+    Processing.cached_c, Processing.cached_uc, Processing.cached_hr_c = [None, None], [None, None], [None, None]
+    p = Processing(prompts, steps=1, batch_size=2, negative=kv_checks.NEGATIVE, hr_prompts=prompts, hr_steps=1)
+    return generate(p, script_args(*rows, enabled=enabled))
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0])
+def test_only_the_concept_rows_of_the_prompt_holding_it_change(webui, recorded, strength):
+    """Batch of a prompt with the trigger (and an AND part without it) and one without, a negative prompt sharing
+    their prefix, first pass and hires pass: only the concept's row differs from AlignIT off with the class word."""
+    run_batch(kv_checks.PLAIN, LORA, enabled=False)
+    off = recorded()
+    run_batch(kv_checks.PROMPTS, LORA[:3] + [1.0])
+    c_prime = kv_checks.concept_row(recorded(), off)
+    p = run_batch(kv_checks.PROMPTS, LORA[:3] + [strength])
+    assert "AlignIT warning" not in p.extra_generation_params
+    on = recorded()
+    assert len(on) == 2 * 32  # first pass and hires pass
+    kv_checks.check_against_plain(
+        on, off, strength, c_prime, lambda key: attn2_modules(webui.unet)[key].weight, lambda key, x: low_rank(webui, key, 0.8)(x)
+    )

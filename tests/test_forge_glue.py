@@ -13,7 +13,7 @@ import webui_flow
 from backend import attention
 from forge_flow import FakeForgeModel, ForgeProcessing, generate
 from ldm_parts import tiny_sd15_unet, weights_digest
-from modules import sd_hijack, shared
+from modules import prompt_parser, sd_hijack, shared
 from safetensors.torch import save_file
 from webui_flow import script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
@@ -21,7 +21,7 @@ from weight_files import cd_state, lora_state, random_cd_weights, random_factors
 from alignit.hosts.webui import flow
 from alignit.hosts.webui.forge_attention import block_key, cond_batch_rows
 from alignit.hosts.webui.ldm import KVInjector, attn2_modules
-from alignit.kv import ConceptKV, LowRank
+from alignit.kv import ConceptRows, KVRewriter, LowRank, MarkedChunk
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]
@@ -107,14 +107,14 @@ def test_lora_keys_values_match_the_a1111_hooks_exactly(forge):
     p = generate(ForgeProcessing(["a photo of ohwx"], steps=2), script_args(LORA), earlier=[recorder(seen)])
     assert "AlignIT warning" not in p.extra_generation_params
     assert len(seen) == 2 * 16
-    generation = getattr(p, flow.STATE_ATTRIBUTE)
-    concepts = generation.splicer.kv_concepts()
-    context = torch.cat([torch.zeros(1, 77, 32), p.sampled[0][1]])  # uncond ‖ cond, as the sampler batches them
+    splicer = getattr(p, flow.STATE_ATTRIBUTE).splicer
+    uncond = prompt_parser.reconstruct_cond_batch(p.uc, 0)
+    context = torch.cat([uncond, p.sampled[0][1]])  # uncond ‖ cond, as the sampler batches them
     for layer, k, v, extra in seen:
         assert extra["cond_or_uncond"] == [1, 0]
         for proj, got in (("k", k), ("v", v)):
             module = attn2_modules(forge.unet)[(layer, proj)]
-            with torch.no_grad(), KVInjector(forge.unet, concepts):
+            with torch.no_grad(), KVInjector(forge.unet, splicer.kv_chunks(), splicer.kv_weights()):
                 want = module(context)
             assert torch.equal(got, want)  # the same rows as A1111's forward hooks write
             base = projection(forge, layer, proj, context)
@@ -129,29 +129,35 @@ def test_lora_keys_values_match_the_a1111_hooks_exactly(forge):
 
 def test_only_cond_rows_change_and_tiled_rows_too(forge):
     seen = []
-    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1, uc_chunks=2), script_args(LORA), earlier=[recorder(seen)])
+    long_negative = ", ".join(["blurry, low quality, watermark"] * 12)  # two chunks
+    p = ForgeProcessing(["a photo of ohwx"], steps=1, negative=long_negative)
+    p = generate(p, script_args(LORA), earlier=[recorder(seen)])
     cond = p.sampled[0][1]
     layer, k, _, _ = seen[0]
-    base = projection(forge, layer, "k", torch.cat([torch.zeros(1, 154, 32), cond.repeat(1, 2, 1)]))
+    uncond = prompt_parser.reconstruct_cond_batch(p.uc, 0)
+    assert uncond.shape[1] == 154
+    base = projection(forge, layer, "k", torch.cat([uncond, cond.repeat(1, 2, 1)]))
     assert torch.equal(k[0], base[0])
     for start in (4, 81):  # the cond context is tiled to 154 rows: the concept is at t and t + 77
         assert not torch.equal(k[1, start], base[1, start])
         assert torch.equal(k[1, start + 1 : start + 10], base[1, start + 1 : start + 10])
 
 
-def test_rows_in_uncond_are_left_alone(forge):
-    from alignit.hosts.webui.forge_attention import AttentionPatch
-    from alignit.kv import KVRewriter
+def marked_chunk(position: int, seed: int = 3) -> tuple[MarkedChunk, torch.Tensor]:
+    """A spliced chunk with one concept row at ``position``, and its 77 rows."""
+    chunk = torch.randn(77, 32, generator=torch.Generator().manual_seed(seed))
+    return MarkedChunk(chunk, (ConceptRows(0, (position,), chunk[position : position + 1], 1.0),)), chunk
 
+
+def test_chunks_in_uncond_are_left_alone(forge):
     layer = "input_blocks.1.1.transformer_blocks.0.attn2"
-    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
     lora = {(layer, "k"): LowRank(torch.randn(2, 32), torch.randn(32, 2), 1.0)}
-    patch = AttentionPatch(KVRewriter([ConceptKV(rows, lora)]), attention.attention_function)
-    context = torch.zeros(2, 77, 32)
-    context[:, 5:7] = rows  # the concept rows in both, but row 0 is uncond
+    marked, chunk = marked_chunk(5)
+    rewriter = KVRewriter([marked], [lora])
+    context = chunk.repeat(2, 1, 1)  # the spliced chunk in both, but row 0 is uncond
     k = projection(forge, layer, "k", context)
-    got = patch._rewritten((layer, "k"), context, k, cond_batch_rows({"cond_or_uncond": [1, 0]}, 2))
-    assert torch.equal(got[0], k[0]) and not torch.equal(got[1, 5:7], k[1, 5:7])
+    got = rewriter.rewrite((layer, "k"), context, k.clone(), cond_batch_rows({"cond_or_uncond": [1, 0]}, 2))
+    assert torch.equal(got[0], k[0]) and not torch.equal(got[1, 5], k[1, 5])
 
 
 def test_hires_pass_gets_the_patch_again(forge):
@@ -241,8 +247,6 @@ def test_same_conditioning_as_on_a1111(forge, text_model, tokenizer, monkeypatch
 
 
 def test_a_failure_inside_the_patch_costs_the_weights_not_the_image(forge, monkeypatch):
-    from alignit.kv import KVRewriter
-
     def broken(self, *args, **kwargs):
         raise RuntimeError("boom")
 
@@ -255,17 +259,16 @@ def test_a_failure_inside_the_patch_costs_the_weights_not_the_image(forge, monke
 
 def test_contexts_of_later_steps_are_matched_afresh(forge):
     """A context of the next step may reuse the memory of the last one; inference tensors have no version."""
-    from alignit.kv import KVRewriter
-
     layer = "input_blocks.1.1.transformer_blocks.0.attn2"
-    rows = torch.randn(1, 32, generator=torch.Generator().manual_seed(3))
-    rewriter = KVRewriter([ConceptKV(rows, {(layer, "k"): LowRank(torch.randn(2, 32), torch.randn(32, 2), 1.0)})])
+    chunks = [marked_chunk(5, seed=3), marked_chunk(9, seed=4)]
+    rewriter = KVRewriter(
+        [marked for marked, _ in chunks], [{(layer, "k"): LowRank(torch.randn(2, 32), torch.randn(32, 2), 1.0)}]
+    )
     with torch.inference_mode():
-        for position in (5, 9):
-            context = torch.zeros(1, 77, 32)
-            context[0, position] = rows[0]
+        for position, (_, chunk) in zip((5, 9), chunks):
+            context = chunk[None].clone()
             k = projection(forge, layer, "k", context)
-            got = rewriter.rewrite((layer, "k"), context, k)
+            got = rewriter.rewrite((layer, "k"), context, k.clone())
             changed = (got != k).any(-1)[0].nonzero().flatten().tolist()
             assert changed == [position]
 

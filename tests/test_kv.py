@@ -1,4 +1,6 @@
-"""K/V injection on the real ldm UNet: concept rows get the customized keys/values, every other row keeps W·c."""
+"""K/V rewriting on the real ldm UNet, by the definition: at strength s the concept rows of a marked chunk get
+``lerp(W·c_class, (W+ΔW)·c', s)`` (Custom Diffusion: ``lerp(W·c_class, W_cd·c', s)``); every other row of every
+batch item keeps ``W·c`` bit for bit, whatever its values."""
 
 import copy
 
@@ -6,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ldm_parts import tiny_sd15_unet, weights_digest
+from torch.utils._python_dispatch import TorchDispatchMode
 from weight_files import random_cd_weights, random_factors
 
 from alignit.errors import ConceptError
 from alignit.hosts.webui.ldm import KVInjector, attn2_modules
-from alignit.kv import ConceptKV, LowRank, Replacement, check_fits
+from alignit.kv import ConceptRows, KVRewriter, LowRank, MarkedChunk, Replacement, check_fits
 from alignit.text_lora import text_lora
 
-CONCEPT_AT = [(0, 2), (0, 3), (1, 5), (1, 6)]  # (batch row, token) of the concept's two rows in two cond items
+POSITIONS = (2, 3)  # the concept's rows in its chunk
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +24,42 @@ def unet():
     return tiny_sd15_unet()
 
 
-@pytest.fixture(scope="module")
-def concept_rows():
-    return torch.randn(2, 32, generator=torch.Generator().manual_seed(4))
+def rows(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 32, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")
-def context(concept_rows):
-    """Two cond items carrying the concept rows at different places, and an uncond item without them."""
-    context = torch.randn(3, 77, 32, generator=torch.Generator().manual_seed(5))
-    context[0, 2:4] = concept_rows
-    context[1, 5:7] = concept_rows
-    return context
+def concept():
+    """c', the class word's rows c_class, and the rest of the prompt's chunk."""
+    return rows(2, 4), rows(2, 5), rows(77, 6)
+
+
+def spliced(concept, strength: float) -> torch.Tensor:
+    """The chunk as the splice writes it: the class word's rows blended towards c' by the strength."""
+    c_prime, c_class, chunk = concept
+    chunk = chunk.clone()
+    chunk[list(POSITIONS)] = torch.lerp(c_class, c_prime, strength)
+    return chunk
+
+
+def marked(concept, strength: float) -> MarkedChunk:
+    return MarkedChunk(spliced(concept, strength), (ConceptRows(0, POSITIONS, concept[0], strength),))
+
+
+def context_of(concept, strength: float) -> torch.Tensor:
+    """Batch: [the prompt with the concept ‖ a second chunk of it], [another prompt whose rows 2-3 are c' but whose
+    chunk is not the spliced one], [uncond holding c' and the class rows elsewhere]."""
+    c_prime, c_class, chunk = concept
+    first = torch.cat([spliced(concept, strength), chunk])
+    other = torch.cat([rows(77, 7), rows(77, 8)])
+    other[list(POSITIONS)] = c_prime
+    other[77 + 10 : 77 + 12] = spliced(concept, strength)[list(POSITIONS)]
+    uncond = torch.cat([rows(77, 9), rows(77, 10)])
+    uncond[30:32] = c_prime
+    return torch.stack([first, other, uncond])
+
+
+CONCEPT_AT = [(0, p) for p in POSITIONS]
 
 
 def projections(unet, context):
@@ -53,73 +80,105 @@ def lora(unet, multiplier=1.0):
     return {key: LowRank(down, up, float(alpha) / 2).times(multiplier) for key, (down, up, alpha) in random_factors(unet).items()}
 
 
-def is_concept(b, t):
-    return (b, t) in CONCEPT_AT
+def other_rows(shape) -> torch.Tensor:
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    for b, t in CONCEPT_AT:
+        mask[b, t] = False
+    return mask
 
 
-def test_lora_kv_scope(unet, context, concept_rows):
+@pytest.mark.parametrize("strength", [1.0, 0.5, 0.0])
+def test_lora_kv_scope(unet, concept, strength):
+    c_prime, c_class, _ = concept
+    context = context_of(concept, strength)
     before = weights_digest(unet)
     plain = projections(unet, context)
     kv = lora(unet, 0.8)
-    with KVInjector(unet, [ConceptKV(concept_rows, kv)]) as injector:
+    chunks = [marked(concept, strength)] if strength else []  # the splicer keeps no chunk at strength 0
+    with KVInjector(unet, chunks, [kv]) as injector:
         hooked = projections(unet, context)
     assert not injector.installed and not injector.unmatched_layers()
     assert len(hooked) == 32  # 16 layers x (to_k, to_v)
     for key, out in hooked.items():
         weight = attn2_modules(unet)[key].weight
-        want = F.linear(concept_rows, weight) + kv[key].delta(concept_rows)
-        for b, t in CONCEPT_AT:
-            torch.testing.assert_close(out[b, t], want[(t - 2) % 2 if b == 0 else t - 5], rtol=1e-5, atol=1e-6)
-        others = torch.tensor([[not is_concept(b, t) for t in range(77)] for b in range(3)])
-        assert torch.equal(out[others], plain[key][others])  # every other row, uncond included: W·c, bit for bit
+        want = torch.lerp(F.linear(c_class, weight), F.linear(c_prime, weight) + kv[key].delta(c_prime), strength)
+        got = out[0, list(POSITIONS)]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        others = other_rows(out.shape)
+        assert torch.equal(out[others], plain[key][others])  # aliased rows, the second chunk, uncond: W·c bit for bit
+        if strength == 0.0:
+            assert torch.equal(out, plain[key])
     assert weights_digest(unet) == before
     assert all(torch.equal(a, b) for a, b in zip(projections(unet, context).values(), plain.values(), strict=True))
 
 
-def test_custom_diffusion_rows_are_exact(unet, context, concept_rows):
+@pytest.mark.parametrize("strength", [1.0, 0.25])
+def test_custom_diffusion_rows(unet, concept, strength):
+    c_prime, c_class, _ = concept
+    context = context_of(concept, strength)
     weights = {key: Replacement(w) for key, w in random_cd_weights(unet).items()}
     plain = projections(unet, context)
-    with KVInjector(unet, [ConceptKV(concept_rows, weights)]):
+    with KVInjector(unet, [marked(concept, strength)], [weights]):
         hooked = projections(unet, context)
     for key, out in hooked.items():
-        want = F.linear(concept_rows, weights[key].weight)
-        assert torch.equal(out[0, 2:4], want) and torch.equal(out[1, 5:7], want)
-        assert torch.equal(out[2], plain[key][2])
+        base = attn2_modules(unet)[key].weight
+        want = torch.lerp(F.linear(c_class, base), F.linear(c_prime, weights[key].weight), strength)
+        torch.testing.assert_close(out[0, list(POSITIONS)], want, rtol=1e-5, atol=1e-5)
+        others = other_rows(out.shape)
+        assert torch.equal(out[others], plain[key][others])
 
 
-def test_emphasis_scales_the_concept_keys(unet, context, concept_rows):
-    """A row scaled by emphasis is still recognised, and its keys scale with it (K is linear in c)."""
+def test_emphasis_scales_the_concept_keys(unet, concept):
+    """A chunk whose concept rows emphasis scaled is its own marked chunk; its keys scale with it (K is linear)."""
+    c_prime, _, chunk = concept
     weights = {key: Replacement(w) for key, w in random_cd_weights(unet).items()}
-    scaled = context.clone()
-    scaled[0, 2:4] *= 1.5
-    with KVInjector(unet, [ConceptKV(torch.cat([concept_rows, concept_rows * 1.5]), weights)]):
-        hooked = projections(unet, scaled)
+    scaled = marked(concept, 1.0).rows.clone()
+    scaled[list(POSITIONS)] *= 1.5
+    emphasised = MarkedChunk(scaled, (ConceptRows(0, POSITIONS, c_prime * 1.5, 1.0),))
+    context = torch.stack([torch.cat([scaled, chunk]), torch.cat([chunk, chunk]), torch.cat([chunk, chunk])])
+    with KVInjector(unet, [emphasised], [weights]):
+        hooked = projections(unet, context)
     for key, out in hooked.items():
-        torch.testing.assert_close(out[0, 2:4], 1.5 * F.linear(concept_rows, weights[key].weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0, 2:4], 1.5 * F.linear(c_prime, weights[key].weight), rtol=1e-5, atol=1e-5)
 
 
-def test_lora_full_scope_restores_base_keys_for_other_tokens(unet, context, concept_rows):
+def test_tiled_and_repeated_chunks_are_all_rewritten(unet, concept):
+    """A chunk repeated at t and t + 77 (Forge's LCM tiling, or the same prompt in two batch items)."""
+    kv = lora(unet)
+    chunk = marked(concept, 1.0)
+    context = torch.stack([torch.cat([chunk.rows, chunk.rows]), torch.cat([concept[2], chunk.rows]), context_of(concept, 1)[2]])
+    plain = projections(unet, context)
+    with KVInjector(unet, [chunk], [kv]):
+        hooked = projections(unet, context)
+    for key, out in hooked.items():
+        changed = (out != plain[key]).any(-1).nonzero().tolist()
+        assert changed == [[0, 2], [0, 3], [0, 79], [0, 80], [1, 79], [1, 80]]
+
+
+def test_lora_full_scope_restores_base_keys_for_other_tokens(unet, concept):
+    c_prime, c_class, _ = concept
+    context = context_of(concept, 0.5)
     kv = lora(unet)
     base = projections(unet, context)
     patched = copy.deepcopy(unet)  # the WebUI's Lora extension: W + ΔW in place, for every token
     for key, module in attn2_modules(patched).items():
         with torch.no_grad():
             module.weight += kv[key].scale * kv[key].up @ kv[key].down
-    with KVInjector(patched, [ConceptKV(concept_rows, {})], global_lora=list(kv.items())):
+    with KVInjector(patched, [marked(concept, 0.5)], [kv], global_lora=list(kv.items())):
         hooked = projections(patched, context)
     for key, out in hooked.items():
         weight = attn2_modules(unet)[key].weight
-        torch.testing.assert_close(
-            out[0, 2:4], F.linear(concept_rows, weight) + kv[key].delta(concept_rows), rtol=1e-4, atol=1e-5
-        )
-        others = torch.tensor([[not is_concept(b, t) for t in range(77)] for b in range(3)])
+        want = torch.lerp(F.linear(c_class, weight), F.linear(c_prime, weight) + kv[key].delta(c_prime), 0.5)
+        torch.testing.assert_close(out[0, 2:4], want, rtol=1e-4, atol=1e-5)
+        others = other_rows(out.shape)
         torch.testing.assert_close(out[others], base[key][others], rtol=1e-4, atol=1e-5)
 
 
-def test_hooks_of_a_finished_job_do_nothing_and_leave(unet, context, concept_rows):
+def test_hooks_of_a_finished_job_do_nothing_and_leave(unet, concept):
+    context = context_of(concept, 1.0)
     plain = projections(unet, context)
     current = {"job": True}
-    injector = KVInjector(unet, [ConceptKV(concept_rows, lora(unet))], is_current=lambda: current["job"])
+    injector = KVInjector(unet, [marked(concept, 1.0)], [lora(unet)], is_current=lambda: current["job"])
     current["job"] = False
     hooked = projections(unet, context)
     assert not injector.installed
@@ -127,10 +186,41 @@ def test_hooks_of_a_finished_job_do_nothing_and_leave(unet, context, concept_row
     assert all(not module._forward_hooks for module in attn2_modules(unet).values())
 
 
-def test_rows_that_never_arrive_are_reported(unet, context, concept_rows):
-    with KVInjector(unet, [ConceptKV(concept_rows + 1.0, lora(unet))]) as injector:
-        projections(unet, context)
+def test_chunks_that_never_arrive_are_reported(unet, concept):
+    with KVInjector(unet, [marked(concept, 0.7)], [lora(unet)]) as injector:
+        projections(unet, context_of(concept, 1.0))
         assert len(injector.unmatched_layers()) == 32
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operators that make the host wait for the device: reading a value back or a data-dependent shape."""
+
+    SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::unique")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(func.name().startswith(name) for name in self.SYNCING):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_rewriting_reads_nothing_back_from_the_device(unet, concept):
+    """Per layer call: no value read back, no data-dependent shape (each would be a host-device sync on a GPU)."""
+    context = context_of(concept, 1.0)
+    rewriter = KVRewriter([marked(concept, 1.0)], [lora(unet)])
+    modules = attn2_modules(unet)
+    for step in range(2):
+        step_context = context.clone()
+        with torch.no_grad(), SyncCounter() as counter:
+            for key, module in modules.items():
+                rewriter.rewrite(key, step_context, module(step_context))
+        assert counter.count == 0, step
+    with SyncCounter() as counter:
+        assert rewriter.unmatched_layers() == []  # read back once, after the pass
+    assert counter.count == 32
 
 
 def test_weights_for_another_model_are_refused(unet):
@@ -171,29 +261,29 @@ def test_text_encoder_lora_is_functional(text_model, encoder):
             pass
 
 
-def test_a_scope_without_concept_rows_still_takes_the_lora_out(unet, context):
+def test_a_scope_without_concept_rows_still_takes_the_lora_out(unet, concept):
     """'full' scope while the prompt carries no concept: every row gets its base keys back."""
+    context = context_of(concept, 1.0)
     kv = lora(unet)
     base = projections(unet, context)
     patched = copy.deepcopy(unet)
     for key, module in attn2_modules(patched).items():
         with torch.no_grad():
             module.weight += kv[key].scale * kv[key].up @ kv[key].down
-    with KVInjector(patched, [], global_lora=list(kv.items())):
+    with KVInjector(patched, [], [kv], global_lora=list(kv.items())):
         hooked = projections(patched, context)
     for key, out in hooked.items():
         torch.testing.assert_close(out, base[key], rtol=1e-4, atol=1e-5)
 
 
-def test_a_failing_rewrite_removes_the_hooks_and_says_why(unet, context, concept_rows, monkeypatch):
-    from alignit.kv import KVRewriter
-
+def test_a_failing_rewrite_removes_the_hooks_and_says_why(unet, concept, monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(KVRewriter, "rewrite", broken)
+    context = context_of(concept, 1.0)
     plain = projections(unet, context)
-    injector = KVInjector(unet, [ConceptKV(concept_rows, lora(unet))])
+    injector = KVInjector(unet, [marked(concept, 1.0)], [lora(unet)])
     seen = projections(unet, context)
     assert injector.error == "RuntimeError: boom" and not injector.installed
     assert all(torch.equal(seen[key], plain[key]) for key in plain)

@@ -113,6 +113,15 @@ def test_strength_blends_towards_the_class_word(encoder, vectors):
     assert torch.equal(half[2], torch.lerp(base[2], full[2], 0.5))
 
 
+def test_strength_zero_is_the_class_word_prompt_even_when_the_row_counts_differ(encoder, vectors):
+    """Three vectors for a one-token class word: at strength 0 the chunk is p's own, not a stretched class word."""
+    source = ConceptSource.embedding("sks", 3, vectors(3))
+    _, base, none = run(encoder, "a <sks> on a sofa", [Concept("<sks>", "cat", strength=0.0)], [source])
+    _, _, some = run(encoder, "a <sks> on a sofa", [Concept("<sks>", "cat", strength=0.1)], [source])
+    assert torch.equal(none, base)
+    assert torch.equal(some[5:8], base[3:6])  # at any other strength the concept takes its three rows
+
+
 def test_concept_split_across_chunks_keeps_every_chunk_77_rows(encoder, vectors):
     emb = vectors(2)
     concept = Concept("<sks>", "golden retriever")

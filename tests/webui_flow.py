@@ -5,7 +5,9 @@ extra networks parsed and activated (957-961; the Lora extension patches the wei
 ``process_batch`` (964), ``setup_conds`` (966, with ``get_conds_with_caching`` 460-491 and the class-level caches),
 ``process_before_every_sampling`` (1338) and sampling, hires pass: ``calculate_hr_conds`` (1499-1511) then
 ``process_before_every_sampling`` again (1446), then ``postprocess_batch`` (1017). The sampler asks
-``reconstruct_multicond_batch`` for the conditioning of every step (sd_samplers_cfg_denoiser.py:168)."""
+``reconstruct_multicond_batch`` and ``reconstruct_cond_batch`` for the conditioning of every step and runs the UNet
+on cond ‖ uncond in one batch when their lengths agree, else separately (sd_samplers_cfg_denoiser.py 168-169,
+232-250)."""
 
 from __future__ import annotations
 
@@ -114,21 +116,30 @@ class Processing:
         )
 
     def sample(self, c, steps):
-        """The conditioning each step hands to the UNet (and the UNet's output when there is one)."""
+        """The conditioning each step hands to the UNet (and the UNet's outputs when there is one)."""
         outputs = []
         for step in range(steps):
             if step == self.fail_at_step:
                 raise RuntimeError("sampling failed")
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
             outputs.append(cond)
-            context = cond["crossattn"] if isinstance(cond, dict) else cond
             unet = shared.sd_model.unet
-            if unet is not None:
-                generator = torch.Generator().manual_seed(step)
-                x = torch.randn(context.shape[0], 4, 8, 8, generator=generator)
-                with torch.no_grad():
-                    outputs.append(unet(x, torch.full((context.shape[0],), 500), context=context))
+            if unet is None:
+                continue
+            tensor, uncond = crossattn(cond), crossattn(prompt_parser.reconstruct_cond_batch(self.uc, step))
+            contexts = [torch.cat([tensor, uncond])] if tensor.shape[1] == uncond.shape[1] else [tensor, uncond]
+            with torch.no_grad():
+                outputs.append(torch.cat([run_unet(unet, context, step) for context in contexts]))
         self.sampled.append(outputs)
+
+
+def crossattn(cond):
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def run_unet(unet, context, seed):
+    x = torch.randn(context.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return unet(x, torch.full((context.shape[0],), 500), context=context)
 
 
 @contextlib.contextmanager

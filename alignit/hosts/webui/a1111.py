@@ -56,13 +56,17 @@ class A1111Host:
         return source
 
     def install_kv(self, p: Any, splicer: Splicer) -> KVInjector | None:
-        concepts, global_kv = splicer.kv_concepts(), splicer.global_kv()
-        if not (concepts or global_kv):
+        chunks, global_kv = splicer.kv_chunks(), splicer.global_kv()
+        if not (chunks or global_kv):
             return None
         retire_hooks()
         job = shared.state.job_timestamp
         injector = KVInjector(
-            shared.sd_model.model.diffusion_model, concepts, global_kv, is_current=lambda: shared.state.job_timestamp == job
+            shared.sd_model.model.diffusion_model,
+            chunks,
+            splicer.kv_weights(),
+            global_kv,
+            is_current=lambda: shared.state.job_timestamp == job,
         )
         _live_injectors.append(injector)
         return injector

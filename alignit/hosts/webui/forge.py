@@ -21,6 +21,7 @@ from . import forge_sources
 from . import sources as webui_sources
 from .forge_attention import AttentionPatch
 from .forge_encoder import ForgeEncoder
+from .ldm import attn2_modules, module_projection
 
 
 class ForgeHost:
@@ -36,11 +37,13 @@ class ForgeHost:
         return resolve_source(concept, forge_sources.ForgeSources(encoder, shared.sd_model, lora_scope))
 
     def install_kv(self, p: Any, splicer: Splicer) -> AttentionPatch | None:
-        concepts, global_kv = splicer.kv_concepts(), splicer.global_kv()
-        if not (concepts or global_kv):
+        chunks, global_kv = splicer.kv_chunks(), splicer.global_kv()
+        if not (chunks or global_kv):
             return None
         unet = p.sd_model.forge_objects.unet.clone()
-        patch = AttentionPatch(KVRewriter(concepts, global_kv), attention.attention_function)
+        project = module_projection(attn2_modules(unet.model.diffusion_model))
+        rewriter = KVRewriter(chunks, splicer.kv_weights(), global_kv, project)
+        patch = AttentionPatch(rewriter, attention.attention_function)
         patch.install(unet)
         p.sd_model.forge_objects.unet = unet
         return patch

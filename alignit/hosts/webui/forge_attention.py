@@ -90,7 +90,8 @@ class AttentionPatch:
             if self.active and seen is not None and seen[0] == _where(extra_options):
                 try:
                     rows = cond_batch_rows(extra_options, k.shape[0])
-                    k, v = self._rewritten((layer, "k"), seen[1], k, rows), self._rewritten((layer, "v"), seen[2], v, rows)
+                    k = self.rewriter.rewrite((layer, "k"), seen[1], k, rows)
+                    v = self.rewriter.rewrite((layer, "v"), seen[2], v, rows)
                 except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
                     log.exception("AlignIT: rewriting keys/values")
                     self.error = f"{type(error).__name__}: {error}"
@@ -100,10 +101,6 @@ class AttentionPatch:
             return self.attention(q, k, v, extra_options["n_heads"])
 
         return replace
-
-    def _rewritten(self, key: Key, context: torch.Tensor, output: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        out = self.rewriter.rewrite(key, context, output, rows)
-        return output if out is None else out
 
     def unmatched_layers(self) -> list[Key]:
         return self.rewriter.unmatched_layers()

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ...kv import ConceptKV, Delta, Key, KVRewriter, is_linear
+from ...kv import Delta, Key, KVRewriter, MarkedChunk, Project, Projection, is_linear
 
 log = logging.getLogger("alignit")
 
@@ -22,6 +22,16 @@ def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
     return found
 
 
+def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
+    """What each projection computes for some rows now (with whatever the WebUI merged into it), without hooks."""
+
+    def project(key: Key, rows: torch.Tensor) -> torch.Tensor:
+        module = modules[key]
+        return type(module).forward(module, rows)
+
+    return project
+
+
 class KVInjector:
     """Forward hooks on an ldm UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
 
@@ -32,12 +42,13 @@ class KVInjector:
     def __init__(
         self,
         unet: torch.nn.Module,
-        concepts: Sequence[ConceptKV],
+        chunks: Sequence[MarkedChunk],
+        weights: Sequence[Mapping[Key, Projection]],
         global_lora: Sequence[tuple[Key, Delta]] = (),
         is_current: Callable[[], bool] = lambda: True,
     ):
         modules = attn2_modules(unet)
-        self.rewriter = KVRewriter(concepts, global_lora)
+        self.rewriter = KVRewriter(chunks, weights, global_lora, module_projection(modules))
         self.is_current = is_current
         self.error: str | None = None
         self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]

@@ -110,6 +110,6 @@ def resolve_lora(
         tokens,
         fixes,
         text_patch=text_patch,
-        kv=kv if lora_scope == "kv" else {},
+        kv=kv,
         global_kv=kv if lora_scope == "full" else {},
     )

@@ -1,6 +1,7 @@
 """modules/prompt_parser.py: schedules (l.27), ``SdConditioning`` (l.141), ``get_learned_conditioning`` (l.159),
 ``get_multicond_prompt_list`` (l.211), ``ComposableScheduledPromptConditioning`` / ``MulticondLearnedConditioning``
-(l.241-252), ``get_multicond_learned_conditioning`` (l.255), ``reconstruct_multicond_batch`` (l.321).
+(l.241-252), ``get_multicond_learned_conditioning`` (l.255), ``reconstruct_cond_batch`` (l.280),
+``reconstruct_multicond_batch`` (l.321).
 
 Prompt editing is covered for ``[a:b:when]``, ``[a:when]`` and ``[:b:when]`` without nesting or alternation; the
 real lark grammar is exercised by tests/test_a1111_integration.py."""
@@ -98,6 +99,13 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
     learned = get_learned_conditioning(model, flat, steps, hires_steps, use_old_scheduling)
     batch = [[ComposableScheduledPromptConditioning(learned[i], weight) for i, weight in indexes] for indexes in res_indexes]
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
+
+
+def reconstruct_cond_batch(c, current_step):
+    entries = [next((entry for entry in schedule if current_step <= entry.end_at_step), schedule[0]) for schedule in c]
+    if isinstance(entries[0].cond, dict):
+        return {key: torch.stack([entry.cond[key] for entry in entries]) for key in entries[0].cond}
+    return torch.stack([entry.cond for entry in entries])
 
 
 def reconstruct_multicond_batch(c, current_step):
