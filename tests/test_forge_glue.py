@@ -5,6 +5,7 @@ earlier replace patch), LoRA through Forge's key maps, and nothing left behind."
 from types import SimpleNamespace
 
 import forge_flow
+import kv_checks
 import networks
 import pytest
 import torch
@@ -284,3 +285,55 @@ def test_a_concept_that_encodes_to_nan_is_refused(forge):
 
 def test_source_choices_come_from_the_engine_the_lora_list_and_the_folder(forge):
     assert forge_flow.HOST.source_choices() == ["", "sks", "lora:loha", "lora:ohwx_lora", "cd:mycat"]
+
+
+def context_recorder(calls: list):
+    """An earlier extension's attn2 patches: one notes each block's context, one records the k/v handed to it (after
+    AlignIT's rewrite, which wraps it) as ``((layer, proj), context, output)``."""
+
+    def hook(p):
+        unet = p.sd_model.forge_objects.unet.clone()
+        contexts: list = []
+        unet.set_model_attn2_patch(lambda n, context, value, extra: (contexts.append(context), (n, context, value))[1])
+        for layer, _ in attn2_modules(unet.model.diffusion_model):
+            name, number, _index = block_key(layer)
+
+            def replace(q, k, v, extra_options, layer=layer):
+                calls.extend([((layer, "k"), contexts[-1], k.clone()), ((layer, "v"), contexts[-1], v.clone())])
+                return attention.attention_function(q, k, v, extra_options["n_heads"])
+
+            unet.set_model_attn2_replace(replace, name, number)
+        p.sd_model.forge_objects.unet = unet
+
+    return hook
+
+
+def run_batch(prompts, *rows, enabled=True):
+    calls: list = []
+    forge_flow.ForgeProcessing.cached_c = [None, None, None]
+    forge_flow.ForgeProcessing.cached_uc = [None, None, None]
+    forge_flow.ForgeProcessing.cached_hr_c = [None, None, None]
+    p = ForgeProcessing(prompts, steps=1, batch_size=2, negative=kv_checks.NEGATIVE, hr_prompts=prompts, hr_steps=1)
+    p = generate(p, script_args(*rows, enabled=enabled), earlier=[context_recorder(calls)])
+    return p, calls
+
+
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0])
+def test_only_the_concept_rows_of_the_prompt_holding_it_change(forge, strength):
+    """As on A1111 (test_a1111_weights.py): a batch with and without the trigger, an AND part without it, a negative
+    prompt sharing the prefix, first and hires passes; only the concept's row differs from AlignIT off."""
+    _, off = run_batch(kv_checks.PLAIN, LORA, enabled=False)
+    _, full = run_batch(kv_checks.PROMPTS, LORA[:3] + [1.0])
+    p, on = run_batch(kv_checks.PROMPTS, LORA[:3] + [strength])
+    assert "AlignIT warning" not in p.extra_generation_params
+    assert len(on) == 2 * 32  # first pass and hires pass
+    kv_checks.check_against_plain(
+        on,
+        off,
+        strength,
+        kv_checks.concept_row(full, off),
+        lambda key: attn2_modules(forge.unet)[key].weight,
+        lambda key, x: (
+            LowRank(forge.factors[key][0], forge.factors[key][1], float(forge.factors[key][2]) / 2).times(0.8).delta(x)
+        ),
+    )
