@@ -85,11 +85,7 @@ class AlignITScript(scripts.Script):
         enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
 
         components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
-
-        def pasted(index: int):
-            return lambda params: alignit_args.from_infotext(params)[index]
-
-        self.infotext_fields = [PasteField(component, pasted(i)) for i, component in enumerate(components)]
+        self.infotext_fields = [PasteField(component, alignit_args.PASTE_KEY.format(i)) for i, component in enumerate(components)]
         self.paste_field_names = []
         return components
 
@@ -154,3 +150,4 @@ def add_axis_options() -> bool:
 if not add_axis_options():
     script_callbacks.on_before_ui(add_axis_options)
 script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_infotext_pasted(lambda infotext, params: alignit_args.paste(params))

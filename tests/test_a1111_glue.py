@@ -70,14 +70,14 @@ def test_batch_of_different_prompts_with_and_editing_and_step_range():
         assert torch.equal(got[3], want[3])
     changed = (aligned_0 != base_0).any(dim=1).nonzero().flatten().tolist()
     assert changed == [2]  # one vector for one class-word token: only the concept row moves
-    assert on.extra_generation_params == {"AlignIT": '[["<sks>", "cat", "sks"]]', "AlignIT steps": "0.2-0.8"}
+    assert on.extra_generation_params == {"AlignIT 1": "<sks> → cat, source: sks", "AlignIT steps": "0.2-0.8"}
 
 
 def test_strength_per_concept():
     p = generate(Processing(["a <sks>"], steps=1), script_args(["<sks>", "cat", "sks", 0.25]))
     aligned, base = expected_aligned("a <sks>", [Concept(*SKS)], [sks_source()])
     assert torch.equal(p.sampled[0][0][0][2], torch.lerp(base[2], aligned[2], 0.25))
-    assert p.extra_generation_params["AlignIT"] == '[["<sks>", "cat", "sks", 0.25]]'
+    assert p.extra_generation_params["AlignIT 1"] == "<sks> → cat, source: sks, strength: 0.25"
 
 
 def test_negative_prompt_untouched_and_cache_not_poisoned():

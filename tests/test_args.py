@@ -22,22 +22,63 @@ def test_dict_form_and_defaults():
     assert args.parse_args([given, *ui_defaults[1:]]) == (enabled, options)  # as the API passes it
 
 
-def test_bad_numbers_are_a_concept_error():
-    with pytest.raises(ConceptError):
-        args.parse_args([True, "early"])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ([True, "early"], "'step_start' must be a number"),
+        (["garbage"], "'enabled' must be true or false, not 'garbage'"),
+        ([{"enabled": True, "concepts": ["abc"]}], "concept 1 must be a list"),
+        ([{"enabled": True, "concepts": "abc"}], "'concepts' must be a list"),
+        ([{"enabled": True, "concepts": [["<sks>", 5]]}], "must be text"),
+        ([{"enabled": True, "concepts": [{"trigger": "x", "klass": "y"}]}], "unknown field"),
+        ([{"enabled": True, "steps": 3}], "unknown AlignIT argument"),
+        ([True, 0, 1, "*", "kv", *["x"] * 20], "at most 17 arguments"),
+        ([True, 0, 1, None, ["kv"]], "'lora_scope' must be text"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(arguments, message):
+    with pytest.raises(ConceptError, match=message) as caught:
+        args.parse_args(arguments)
+    assert "\n" not in str(caught.value)
 
 
-def test_infotext_round_trip():
+def test_infotext_is_readable_per_concept_and_round_trips():
     options = Options(0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat", 0.7), Concept("lisa", "woman")), "full")
-    params = args.to_infotext(options)
+    params = args.to_infotext(options, options.concepts)
     assert params == {
-        "AlignIT": '[["<sks>", "cat", "my, cat", 0.7], ["lisa", "woman", ""]]',
+        "AlignIT 1": "<sks> → cat, source: my, cat, strength: 0.7",
+        "AlignIT 2": "lisa → woman",
         "AlignIT steps": "0.2-0.8",
         "AlignIT placeholder": "~",
         "AlignIT LoRA scope": "full",
     }
     assert args.parse_args(args.from_infotext(params)) == (True, options)
     assert args.from_infotext({})[0] is False
+    assert args.to_infotext(Options(concepts=options.concepts), options.concepts[1:]) == {"AlignIT 1": "lisa → woman"}
+
+
+def test_infotext_of_version_0_1_still_pastes():
+    params = {"AlignIT": '[["<sks>", "cat", "my-cat", 0.8], ["lisa", "woman", ""]]', "AlignIT steps": "0-0.6"}
+    enabled, options = args.parse_args(args.from_infotext(params))
+    assert enabled and options == Options(0.0, 0.6, "*", (Concept("<sks>", "cat", "my-cat", 0.8), Concept("lisa", "woman")))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"AlignIT": "{…}"},
+        {"AlignIT": "[5]"},
+        {"AlignIT": '{"a": 1}'},
+        {"AlignIT 1": "<sks> → cat", "AlignIT steps": "abc"},
+        {"AlignIT 1": "no arrow here"},
+        {"AlignIT 1": "<sks> → cat, strength: lots"},
+        {"AlignIT 1": "<sks> → cat", "AlignIT steps": "0.9-0.1"},
+    ],
+)
+def test_malformed_infotext_is_refused_in_one_line(params):
+    with pytest.raises(ConceptError) as caught:
+        args.parse_args(args.from_infotext(params))
+    assert "\n" not in str(caught.value)
 
 
 def test_overrides_for_xyz():
@@ -75,3 +116,20 @@ def test_concept_validation(concept, message):
 )
 def test_source_specs(source, expected):
     assert parse_source(Concept("<sks>", "cat", source)) == expected
+
+
+def test_a_paste_reads_the_fields_once_and_a_bad_one_keeps_the_fields(caplog):
+    good = {"Prompt": "a <sks>", "AlignIT 1": "<sks> → cat, strength: 0.5", "AlignIT steps": "0-0.6"}
+    args.paste(good)
+    values = [good[args.PASTE_KEY.format(i)] for i in range(args.ARG_COUNT)]
+    assert values[:9] == [True, 0.0, 0.6, "*", "kv", "<sks>", "cat", "", 0.5]
+    bad = {"Prompt": "a <sks>", "AlignIT": "[5]"}
+    args.paste(bad)
+    assert not any(key.startswith("AlignIT paste") for key in bad)  # no value: the WebUI leaves every field as it is
+    assert caplog.messages == [
+        "AlignIT: the pasted infotext's AlignIT fields are not applied: "
+        "'AlignIT: [5]' is not a list of [trigger, class word, source, strength]"
+    ]
+    plain = {"Prompt": "a cat"}
+    args.paste(plain)
+    assert plain[args.PASTE_KEY.format(0)] is False  # an infotext without AlignIT turns it off

@@ -25,7 +25,7 @@ def test_alignit_changes_the_image_and_leaves_no_trace(webui):
     after, _ = txt2img(webui, "a cat playing badminton in a garden")
     off, _ = txt2img(webui, "a cat playing badminton in a garden", [False])
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
-    assert 'AlignIT: "[[' in info["infotexts"][0]
+    assert "AlignIT 1: " in info["infotexts"][0]
     assert info["prompt"] == "a <sks> playing badminton in a garden"
     assert aligned != before
     assert after == before and off == before
@@ -46,7 +46,7 @@ def test_alignit_changes_the_image_and_leaves_no_trace(webui):
 def test_webui_syntax_matches_the_real_parser_and_layout(webui, prompt):
     _, info = txt2img(webui, prompt, on(("<sks>", "cat", EMBEDDING)))
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
-    assert 'AlignIT: "[[' in info["infotexts"][0]
+    assert "AlignIT 1: " in info["infotexts"][0]
 
 
 @pytest.mark.parametrize("scope", ["kv", "full"])

@@ -30,6 +30,7 @@ from ...engine import ConceptSource, Splicer, TextEncoder
 from ...errors import ConceptError, LayoutMismatch, NotLoaded, Unsupported
 from ...kv import Key
 from ...prompt import rewrite_prompt, set_lora_tag
+from ...schedule import active_steps
 from . import args as alignit_args
 
 log = logging.getLogger("alignit")
@@ -98,9 +99,11 @@ def marked_schedules(marked_prompt: str, steps: int, hires_steps: int | None) ->
 
 @dataclass
 class PassPlan:
-    """What AlignIT will splice into one sampling pass: per batch item, per AND part, the marked schedule."""
+    """What AlignIT will splice into one sampling pass: per batch item, per AND part, the marked schedule; whether the
+    step range covers any of the pass's steps."""
 
     items: list[list[list[tuple[int, str]]] | None] = field(default_factory=list)
+    in_range: bool = True
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Generation:
     first: PassPlan | None = None
     hires: PassPlan | None = None
     kv: KVMechanism | None = None
+    applied: set[int] = field(default_factory=set)  # concepts found in a prompt that AlignIT prepared
 
     @property
     def options(self) -> Options:
@@ -128,7 +132,8 @@ class Generation:
 
 
 def _message(p: Any, text: str) -> None:
-    """Tell the user: the log, the UI (``p.comment``) and the infotext, which API responses carry."""
+    """Tell the user, in one line: the log, the UI (``p.comment``) and the infotext, which API responses carry."""
+    text = " ".join(str(text).split())
     log.warning("AlignIT: %s", text)
     p.comment(f"AlignIT: {text}")
     earlier = p.extra_generation_params.get(WARNING_KEY)
@@ -192,20 +197,23 @@ def process(p: Any, host: Host, script_args: Sequence[Any]) -> Generation | None
     except (ConceptError, ValueError) as error:
         _message(p, f"{error}; generating without AlignIT")
         return None
-    generation = start(p, host, enabled, options)
-    if generation is not None:
-        p.extra_generation_params.update(alignit_args.to_infotext(generation.options))
-    return generation
+    if enabled and not options.concepts:
+        _message(p, "AlignIT is enabled but no concept row is filled in; generating without it")
+        return None
+    return start(p, host, enabled, options)
 
 
 def _plan_prompts(
-    p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None
+    p: Any, generation: Generation, prompts: list[str], steps: int, hires_steps: int | None, named: set[int]
 ) -> tuple[list[str], PassPlan]:
-    plan = PassPlan()
+    """The pass's prompts rewritten to class words and their plan; ``named`` gathers the concepts the prompts name."""
+    first, last = active_steps(hires_steps or steps, generation.options.step_start, generation.options.step_end)
+    plan = PassPlan(in_range=first < (hires_steps or steps) and (last is None or last >= first))
     out = []
     concepts = generation.options.concepts
     for prompt in prompts:
         rewrite = rewrite_prompt(prompt, concepts)
+        named.update(i for i, count in enumerate(rewrite.found) if count)
         if not rewrite.has_concepts:
             out.append(prompt)
             plan.items.append(None)
@@ -224,6 +232,7 @@ def _plan_prompts(
             continue
         out.append(rewrite.plain)
         plan.items.append(schedules)
+        generation.applied.update(i for i, count in enumerate(rewrite.found) if count)
     return out, plan
 
 
@@ -255,15 +264,29 @@ def prepare_batch(p: Any) -> None:
         return
     _set_hires_lora_tags(p, generation)
     steps = _total_steps(p.sampler_name, p.steps)
+    named: set[int] = set()
     with torch.no_grad():
-        p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None)
+        p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None, named)
         if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
             hires_steps = _total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
-            p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps)
+            p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps, named)
         else:
             generation.hires = None
     while generation.splicer.warnings:
         _message(p, generation.splicer.warnings.pop(0))
+    _report_concepts(p, generation, named)
+
+
+def _report_concepts(p: Any, generation: Generation, named: set[int]) -> None:
+    """Say which concepts the batch's prompts never name; the infotext records the concepts applied so far."""
+    concepts = generation.options.concepts
+    for i, concept in enumerate(concepts):
+        if i not in named:
+            _message(p, f"concept '{concept.trigger}': its trigger is not in the prompt")
+    for key in [key for key in p.extra_generation_params if key.startswith("AlignIT ") and key[8:].isdigit()]:
+        del p.extra_generation_params[key]
+    applied = [concept for i, concept in enumerate(concepts) if i in generation.applied]
+    p.extra_generation_params.update(alignit_args.to_infotext(generation.options, applied) if applied else {})
 
 
 def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:
@@ -304,6 +327,9 @@ def before_sampling(p: Any, c: Any) -> None:
     plan = generation.hires if getattr(p, "is_hr_pass", False) else generation.first
     if plan is None or c is None or not any(plan.items):
         return
+    if not plan.in_range:
+        span = f"{generation.options.step_start:g}-{generation.options.step_end:g}"
+        _message(p, f"the step range {span} covers no sampling step of this pass: the class word is used throughout")
     try:
         with torch.no_grad():
             splice_conditioning(c, plan, generation.splicer)
@@ -313,6 +339,8 @@ def before_sampling(p: Any, c: Any) -> None:
         _message(p, f"{error}; the class word is used without the concept")
         return
     _remove_kv(p, generation)
+    if not plan.in_range:
+        return
     try:
         generation.kv = generation.host.install_kv(p, generation.splicer)
     except Exception as error:  # the text-side splice stands; the pass runs without the concept's own K/V weights
