@@ -38,12 +38,12 @@ def _zip_pt(path: Path, pkl: bytes, records: dict[str, bytes] | None = None, fol
     return path
 
 
-def _legacy_pt(path: Path, pkl: bytes, keys: list[str] | None = None, storages: list[bytes] | None = None) -> Path:
+def _legacy_pt(
+    path: Path, pkl: bytes, keys: list[str] | None = None, storages: list[bytes] | None = None, little_endian: bool = True
+) -> Path:
     """The legacy stream: magic number, protocol, system info, the object's pickle, the storage keys, the storages."""
-    header = b"".join(
-        pickle.dumps(value, protocol=2)
-        for value in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True, "type_sizes": {}})
-    )
+    system = {"protocol_version": 1001, "little_endian": little_endian, "type_sizes": {}}
+    header = b"".join(pickle.dumps(value, protocol=2) for value in (0x1950A86A20F9469CFC6C, 1001, system))
     path.write_bytes(header + pkl + pickle.dumps(keys or [], protocol=2) + b"".join(storages or []))
     return path
 
@@ -245,11 +245,10 @@ def _cycle() -> bytes:
 
 
 def _explosion() -> bytes:
-    """{'w': level 3}, where level 0 is None and level n a list of 1000 references to level n - 1."""
-    body = b"Nq\x000"  # NONE, BINPUT 0, POP: each level lives in the memo only
-    for level in range(1, 4):
-        body += b"(" + (b"h" + bytes([level - 1])) * 1000 + b"lq" + bytes([level]) + b"0"
-    return _proto2(b"}" + _str("w") + body + b"h\x03s")
+    """{'w': a list of 3000 references to one list of 1000 Nones}: 6 kB that a naive copy turns into 3 million
+    entries (and two more levels into 10^12)."""
+    inner = b"(" + b"N" * 1000 + b"lq\x00"
+    return _proto2(b"}" + _str("w") + inner + b"0(" + b"h\x00" * 3000 + b"ls")
 
 
 _TRICKS = {
@@ -276,8 +275,8 @@ _TRICKS = {
 
 
 def test_the_explosion_is_large():
-    """Built naively, the shared lists would hold 10^9 entries."""
-    assert pickle.loads(_explosion())["w"][999][999][999] is None
+    outer = pickle.loads(_explosion())["w"]
+    assert len(outer) == 3000 and all(inner is outer[0] for inner in outer) and len(outer[0]) == 1000
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy"])
@@ -334,14 +333,24 @@ def test_a_declared_storage_size_that_does_not_match_its_data(tmp_path):
     _refused(legacy, "another number of elements")
 
 
-def _legacy_object(numel: int) -> bytes:
+def _legacy_object(numel: int, view: tuple | None = None) -> bytes:
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if isinstance(obj, _Storage) else None
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, view) if isinstance(obj, _Storage) else None
 
     stream = io.BytesIO()
     Pickler(stream, protocol=2).dump({"w": _Tensor(_Storage("0", "FloatStorage", numel), 0, (numel,), (1,))})
     return stream.getvalue()
+
+
+def test_legacy_stream_layout(tmp_path):
+    storage = [struct.pack("<q", 3) + _floats(1, 2, 3)]
+    _refused(_legacy_pt(tmp_path / "keys.pt", _legacy_object(3), ["0", "1"], storage), "does not match")
+    _refused(_legacy_pt(tmp_path / "view.pt", _legacy_object(3, ("1", 0, 3)), ["0"], storage), "legacy storage view")
+    _refused(_legacy_pt(tmp_path / "big.pt", _legacy_object(3), ["0"], storage, little_endian=False), "big-endian")
+    _assert_same(
+        load_tensors(_legacy_pt(tmp_path / "good.pt", _legacy_object(3), ["0"], storage)), {"w": torch.tensor([1.0, 2, 3])}
+    )
 
 
 def test_storage_records(tmp_path):

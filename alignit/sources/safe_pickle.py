@@ -64,7 +64,6 @@ class RefusedFile(ValueError):
 _NOTHING_RAN = "nothing in the file was run"
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_CHUNK = 1 << 24
 _MAX_DEPTH = 64  # containers nested deeper than this (genuine files: a few levels) or in a cycle are refused
 _MAX_ITEMS = 1_000_000  # container entries in the result, counting shared containers once per reference
 
@@ -147,7 +146,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtyp
     size, stride = _shape(size, "size"), _shape(stride, "stride")
     if len(size) != len(stride):
         raise RefusedFile(f"a tensor with {len(size)} sizes and {len(stride)} strides")
-    return _TensorRef(storage, dtype or storage.type.dtype, offset, size, stride)
+    return _TensorRef(storage, storage.type.dtype if dtype is None else dtype, offset, size, stride)
 
 
 def _plain(requires_grad: Any, hooks: Any, metadata: Any = None) -> None:
@@ -261,19 +260,14 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _fill(stream: IO[bytes], out: torch.Tensor) -> int:
-    """Read ``out``'s length of bytes from the stream into the uint8 tensor ``out``; their CRC-32."""
-    total, done, crc = out.numel(), 0, 0
-    buffer = bytearray(min(total, _CHUNK))
-    view = memoryview(buffer)
-    while done < total:
-        got = stream.readinto(view[: min(_CHUNK, total - done)])
-        if not got:
-            raise RefusedFile("the file ends inside a storage (truncated)")
-        crc = zlib.crc32(view[:got], crc)
-        out[done : done + got].copy_(torch.frombuffer(buffer, dtype=torch.uint8, count=got))
-        done += got
-    return crc
+def _read_storage(stream: IO[bytes], nbytes: int) -> tuple[torch.Tensor, int]:
+    """The next ``nbytes`` bytes of the stream as a uint8 tensor (sharing one buffer), and their CRC-32."""
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8), 0
+    buffer = bytearray(nbytes)
+    if stream.readinto(buffer) != nbytes:
+        raise RefusedFile("the file ends inside a storage (truncated)")
+    return torch.frombuffer(buffer, dtype=torch.uint8), zlib.crc32(buffer)
 
 
 class _Records:
@@ -316,8 +310,8 @@ class _Records:
 
     def read_tensor(self, info: zipfile.ZipInfo) -> torch.Tensor:
         self._seek_data(info)
-        data = torch.empty(info.file_size, dtype=torch.uint8)
-        self._check_crc(info, _fill(self._file, data))
+        data, crc = _read_storage(self._file, info.file_size)
+        self._check_crc(info, crc)
         return data
 
 
@@ -396,8 +390,7 @@ def _load_legacy(data: bytes) -> Any:
         nbytes = storages[key].numel * _itemsize(storages[key].type.dtype)
         if stream.tell() + nbytes > len(data):
             raise RefusedFile(f"the file ends inside storage {key} (truncated)")
-        storages[key].data = torch.empty(nbytes, dtype=torch.uint8)
-        _fill(stream, storages[key].data)
+        storages[key].data = _read_storage(stream, nbytes)[0]
     return tree
 
 
