@@ -527,7 +527,7 @@ _GENUINE: dict[str, Callable[[], object]] = {
         "tied": [torch.ones(2)] * 2,
     },
 }
-if hasattr(torch, "uint16"):  # written with _rebuild_tensor_v3 on an untyped storage (torch >= 2.3)
+if hasattr(torch.storage, "_new_dtypes"):  # torch.save writes these with _rebuild_tensor_v3 on an untyped storage
     _GENUINE["v3_dtypes"] = lambda: {
         "uint16": torch.tensor([1, 2, 65535], dtype=torch.uint16),
         "f8": torch.ones(3).to(torch.float8_e4m3fn),
