@@ -113,7 +113,7 @@ def test_a_pickle_of_something_else(tmp_path):
 
 def test_torch_load_replaced_by_the_webui_is_not_used(tmp_path, monkeypatch):
     """A1111's modules/safe.py replaces torch.load with a scanner that refuses files from torch >= 2.5 and returns
-    None; AlignIT reads with torch.serialization.load(weights_only=True) instead."""
+    None; AlignIT reads pickles with its own loader (alignit.sources.safe_pickle) instead."""
     path = tmp_path / "delta.bin"
     torch.save(
         {"state_dict": {"model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": torch.ones(2, 2)}}, path

@@ -1,4 +1,4 @@
-"""Reading weight files safely: safetensors, or torch pickles with ``weights_only=True`` (no code execution)."""
+"""Reading weight files safely: safetensors, or torch pickles through :mod:`.safe_pickle` (no code execution)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..errors import ConceptError
+from . import safe_pickle
 
 T = TypeVar("T")
 
@@ -18,20 +19,31 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
     """The file's contents (nested dicts of tensors for pickles); a ConceptError names the file if it can't be read."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path), device="cpu"))
-        # torch.serialization.load, not torch.load: A1111 replaces torch.load with a scanner that refuses files
-        # written by torch >= 2.5; weights_only=True is the safe loader in its own right.
-        tree = torch.serialization.load(str(path), map_location="cpu", weights_only=True)
+        # Not torch.load (A1111 replaces it with a scanner that refuses files from torch >= 2.5, Forge wraps it) nor
+        # weights_only=True (unsafe on the torch the WebUIs ship): a loader of our own, see safe_pickle.
+        tree = _read_safetensors(path) if path.suffix == ".safetensors" else safe_pickle.load(path)
     except FileNotFoundError as error:
         raise ConceptError(f"no file {path}") from error
-    except Exception as error:  # safetensors, pickle and zip all raise their own types for a corrupt file
-        raise ConceptError(f"cannot read {path.name}: {type(error).__name__}: {error}") from error
+    except safe_pickle.RefusedFile as error:
+        raise ConceptError(_one_line(f"cannot read {path.name}: {error}")) from error
+    except Exception as error:  # safetensors raises its own types for a corrupt file
+        raise ConceptError(_one_line(f"cannot read {path.name}: {type(error).__name__}: {error}")) from error
     if not isinstance(tree, Mapping):
         raise ConceptError(f"cannot read {path.name}: it holds a {type(tree).__name__}, not a dict of tensors")
     return tree
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    # safe_open, not safetensors.torch.load_file: Forge wraps load_file and moves a file it fails to read to
+    # *.corrupted. The tensors are copied out of the file's memory map so that none keeps the file mapped.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        return {key: file.get_tensor(key).clone() for key in file.keys()}
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -68,6 +68,6 @@ def parse_lora(name: str, tensors: Mapping[str, torch.Tensor]) -> LoraFactors:
 
 
 def load_lora(path: str | Path, name: str | None = None) -> LoraFactors:
-    """Read a LoRA file (safetensors, or a pickle with ``weights_only=True``)."""
+    """Read a LoRA file (safetensors, or a torch pickle read by :mod:`.safe_pickle`)."""
     path = Path(path)
     return parse_lora(name or path.stem, load_tensors(path))
