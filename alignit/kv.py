@@ -61,7 +61,7 @@ class Replacement:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        return int(self.weight.shape[0]), int(self.weight.shape[1])
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class Dense:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        return int(self.weight.shape[0]), int(self.weight.shape[1])
 
 
 Delta = LowRank | Dense
@@ -91,7 +91,11 @@ def is_linear(module: torch.nn.Module) -> bool:
 def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
     """(out, in) of a linear layer, also where its weight is stored quantized."""
     out_features, in_features = getattr(module, "out_features", None), getattr(module, "in_features", None)
-    return (out_features, in_features) if out_features and in_features else tuple(module.weight.shape)
+    if out_features and in_features:
+        return out_features, in_features
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return int(weight.shape[0]), int(weight.shape[1])
 
 
 def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:

@@ -89,13 +89,13 @@ def splice_chunk(
             order.append((0, row, chunk.tags[row] == PAD))
             row += 1
             continue
-        block = concept_rows[span].to(rows)
+        concept = concept_rows[span].to(rows)
         strength = strengths[span.concept] if span.concept < len(strengths) else 1.0
-        if strength != 1.0 and len(block):
-            block = torch.lerp(_class_rows_for(rows, span, len(block)), block, strength)
-        blocks.append(block)
+        if strength != 1.0 and len(concept):
+            concept = torch.lerp(_class_rows_for(rows, span, len(concept)), concept, strength)
+        blocks.append(concept)
         spans.append(span)
-        order += [(len(blocks) - 1, j, False) for j in range(len(block))]
+        order += [(len(blocks) - 1, j, False) for j in range(len(concept))]
         row += span.length
 
     dropped = 0
@@ -110,8 +110,8 @@ def splice_chunk(
     order += [order[-1]] * (CHUNK_ROWS - len(order))
 
     offsets = [0]
-    for block in blocks:
-        offsets.append(offsets[-1] + len(block))
+    for rows_of_block in blocks:
+        offsets.append(offsets[-1] + len(rows_of_block))
     stacked = torch.cat(blocks)
     index = torch.tensor([offsets[block] + j for block, j, _ in order], device=rows.device)
     placed: dict[Span, list[tuple[int, int]]] = {span: [] for span in concept_rows}

@@ -35,6 +35,7 @@ from clip_parts import clip_tokenizer, clip_vit_bigg_text_model, clip_vit_l_text
 from ldm_parts import sd15_unet, sdxl_shaped_unet  # noqa: E402
 from modules import prompt_parser, sd_hijack, shared  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from sync_counter import SyncCounter  # noqa: E402
 from webui_flow import FakeModel, FakeSDXLModel, Processing, generate  # noqa: E402
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors  # noqa: E402
 
@@ -89,37 +90,64 @@ def concept(kind: str, unet: torch.nn.Module, text_model: torch.nn.Module, folde
     return "<new1> cat", ["<new1> cat", "cat", "cd:concept", 1.0]
 
 
-def paired_ratio(unet: torch.nn.Module, p: TimedProcessing, pairs: int) -> float | None:
-    """Median time ratio of UNet calls with / without the K/V hooks of ``p``'s generation, alternating call by call."""
-    generation = getattr(p, flow.STATE_ATTRIBUTE)
-    concepts, global_kv = generation.splicer.kv_concepts(), generation.splicer.global_kv()
-    if not (concepts or global_kv):
-        return None
+def injector(unet: torch.nn.Module, p: TimedProcessing) -> kv.KVInjector | None:
+    """K/V hooks for ``p``'s generation, as AlignIT installs them for a pass (None for a text-side concept)."""
+    splicer = getattr(p, flow.STATE_ATTRIBUTE).splicer
+    chunks, global_kv = splicer.kv_chunks(), splicer.global_kv()
+    return kv.KVInjector(unet, chunks, splicer.kv_weights(), global_kv) if chunks or global_kv else None
+
+
+def unet_call(unet: torch.nn.Module, p: TimedProcessing) -> None:
+    """One UNet step on the first step's cond and uncond, as the generation ran it."""
     _, cond = prompt_parser.reconstruct_multicond_batch(p.last, 0)
     context = torch.cat([rows(cond), rows(p.uc[0][0].cond)[None]])
     x = torch.randn(2, 4, TimedProcessing.latent, TimedProcessing.latent, generator=torch.Generator().manual_seed(0))
-    ratios = []
     with torch.no_grad():
-        for _ in range(pairs):
+        unet(x, torch.full((2,), 500), context=context)
+
+
+def paired_ratio(unet: torch.nn.Module, p: TimedProcessing, pairs: int) -> float | None:
+    """Median time ratio of UNet calls with / without the K/V hooks of ``p``'s generation, alternating call by call."""
+    ratios = []
+    for _ in range(pairs):
+        start = time.perf_counter()
+        unet_call(unet, p)
+        off = time.perf_counter() - start
+        hooks = injector(unet, p)
+        if hooks is None:
+            return None
+        with hooks:
             start = time.perf_counter()
-            unet(x, torch.full((2,), 500), context=context)
-            off = time.perf_counter() - start
-            with kv.KVInjector(unet, concepts, global_kv):
-                start = time.perf_counter()
-                unet(x, torch.full((2,), 500), context=context)
-                on = time.perf_counter() - start
-            ratios.append(on / off)
+            unet_call(unet, p)
+            on = time.perf_counter() - start
+        ratios.append(on / off)
     return statistics.median(ratios)
 
 
-def hook_bytes() -> int:
-    """Memory held by the K/V hooks of the last generation: the row table and the per-layer concept rows."""
-    injector = getattr(hook_bytes, "last", None)
-    if injector is None:
+def syncs_per_step(unet: torch.nn.Module, p: TimedProcessing) -> int | None:
+    """Host-device synchronisations inside the K/V hooks during one UNet step (the second: the first prepares)."""
+    hooks = injector(unet, p)
+    if hooks is None:
+        return None
+    counter = SyncCounter()
+    with hooks:
+        unet_call(unet, p)
+        with counter:
+            unet_call(unet, p)
+    return counter.count
+
+
+def hook_bytes(p: TimedProcessing) -> int:
+    """Memory the K/V hooks hold for a pass: the table of marked chunks and, per layer, the concept rows' deltas."""
+    unet = shared.sd_model.unet
+    hooks = injector(unet, p)
+    if hooks is None:
         return 0
-    rewriter = injector.rewriter
-    tensors = [rewriter.table] + [t for layer in rewriter.layers.values() for _, _, t in layer.set_rows + layer.add_rows]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    with hooks:
+        unet_call(unet, p)
+        rewriter = hooks.rewriter
+        tensors = [rewriter.table] + [t for prepared in rewriter._prepared.values() for t in vars(prepared).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def timed_hooks() -> dict[str, float]:
@@ -139,7 +167,7 @@ def timed_hooks() -> dict[str, float]:
 
         return timed
 
-    kv.KVInjector._hook = timed_hook
+    setattr(kv.KVInjector, "_hook", timed_hook)  # noqa: B010 - mypy refuses assigning to a method
     for name in ("process", "prepare_batch", "before_sampling"):
         original = getattr(flow, name)
 
@@ -151,13 +179,6 @@ def timed_hooks() -> dict[str, float]:
                 spent["alignit"] += time.perf_counter() - start
 
         setattr(flow, name, timed)
-    original_finish = flow.finish_batch
-
-    def finish(p):
-        hook_bytes.last = getattr(p, flow.STATE_ATTRIBUTE).kv
-        original_finish(p)
-
-    flow.finish_batch = finish
     return spent
 
 
@@ -214,8 +235,9 @@ def main() -> None:
         print(f"paired UNet calls with / without the K/V hooks: ratio {paired:.4f} (median of {options.pairs})")
     hooks = statistics.median(kv_time)
     print(f"time inside the K/V hooks per step: {hooks * 1000:.2f} ms = {hooks / off:.2%} of a step")
+    print(f"host-device synchronisations inside the K/V hooks per step: {syncs_per_step(unet, last_on)}")
     print(f"AlignIT one-time cost per generation: {cost:.3f} s = {cost / off:.3f} UNet steps")
-    print(f"memory held by the K/V hooks: {hook_bytes() / 1024:.1f} KiB")
+    print(f"memory held by the K/V hooks: {hook_bytes(last_on) / 1024:.1f} KiB")
 
 
 if __name__ == "__main__":

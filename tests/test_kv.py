@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ldm_parts import tiny_sd15_unet, weights_digest
-from torch.utils._python_dispatch import TorchDispatchMode
+from sync_counter import SyncCounter
 from weight_files import random_cd_weights, random_factors
 
 from alignit.errors import ConceptError
@@ -190,21 +190,6 @@ def test_chunks_that_never_arrive_are_reported(unet, concept):
     with KVInjector(unet, [marked(concept, 0.7)], [lora(unet)]) as injector:
         projections(unet, context_of(concept, 1.0))
         assert len(injector.unmatched_layers()) == 32
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the operators that make the host wait for the device: reading a value back or a data-dependent shape."""
-
-    SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::unique")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(func.name().startswith(name) for name in self.SYNCING):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_rewriting_reads_nothing_back_from_the_device(unet, concept):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import networks
 import torch
@@ -85,7 +86,7 @@ class Processing:
         self.comments: dict[str, int] = {}
         self.extra_generation_params: dict[str, str] = {}
         self.is_hr_pass = False
-        self.sampled: list[list[torch.Tensor]] = []
+        self.sampled: list[list[Any]] = []
         self.extra_network_data: dict = {}
         self.hr_extra_network_data: dict = {}
         self.fail_at_step: int | None = None
@@ -185,7 +186,10 @@ class Order:
         """Before AlignIT's process_before_every_sampling: resets, and earlier scripts' hooks."""
 
 
-def generate(p: Processing, script_args=None, order: Order | None = None) -> Processing:
+P = TypeVar("P", bound=Processing)
+
+
+def generate(p: P, script_args=None, order: Order | None = None) -> P:
     """One txt2img run; ``script_args`` None means the extension is not installed at all."""
     order = order or Order()
     shared.state.job_timestamp = str(next(_jobs))

@@ -30,7 +30,7 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
         raise ConceptError(_one_line(f"cannot read {path.name}: {type(error).__name__}: {error}")) from error
     if not isinstance(tree, Mapping):
         raise ConceptError(f"cannot read {path.name}: it holds a {type(tree).__name__}, not a dict of tensors")
-    return tree
+    return dict(tree)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

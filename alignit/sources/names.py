@@ -34,7 +34,7 @@ def attn2_projection(key: str) -> tuple[str, str] | None:
     """``(layer, "k"|"v")`` of a file key naming a cross-attention to_k/to_v weight in any scheme, else None."""
     match = _ATTN2.search(key)
     block = _ldm_block(key) if match else None
-    if block is None:
+    if match is None or block is None:
         return None
     return f"{block}.transformer_blocks.{match.group(1)}.attn2", match.group(2)
 

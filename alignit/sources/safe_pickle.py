@@ -52,7 +52,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -236,8 +236,8 @@ def _checked_end(stream: IO[bytes], limit: int) -> int:
         if opcode.name not in _OPCODES:
             raise RefusedFile(f"refused pickle opcode {opcode.name} at byte {position}: weight files need none ({_NOTHING_RAN})")
         if opcode.name == "GLOBAL":  # named in the opcode: refused here by name; STACK_GLOBAL's by find_class
-            _admitted(*arg.split(" ", 1))
-        if opcode.name in _MEMO_PUTS and arg >= limit:
+            _admitted(*str(arg).split(" ", 1))
+        if opcode.name in _MEMO_PUTS and int(arg or 0) >= limit:
             raise RefusedFile(f"a pickle memo index of {arg} in a pickle of {limit} bytes")
     return stream.tell()
 
@@ -265,7 +265,7 @@ def _read_storage(stream: IO[bytes], nbytes: int) -> tuple[torch.Tensor, int]:
     if not nbytes:
         return torch.empty(0, dtype=torch.uint8), 0
     buffer = bytearray(nbytes)
-    if stream.readinto(buffer) != nbytes:
+    if cast(io.BufferedIOBase, stream).readinto(buffer) != nbytes:
         raise RefusedFile("the file ends inside a storage (truncated)")
     return torch.frombuffer(buffer, dtype=torch.uint8), zlib.crc32(buffer)
 
