@@ -134,10 +134,10 @@ def layout_prompt(text: str, tokenizer: Tokenizer, options: LayoutOptions = Layo
                 and len(chunk.tokens) - last_comma <= options.comma_backtrack
             ):
                 cut = last_comma + 1
-                tokens, multipliers, tags = chunk.tokens[cut:], chunk.multipliers[cut:], chunk.tags[cut:]
+                moved_tokens, moved_multipliers, moved_tags = chunk.tokens[cut:], chunk.multipliers[cut:], chunk.tags[cut:]
                 del chunk.tokens[cut:], chunk.multipliers[cut:], chunk.tags[cut:]
                 close_chunk()
-                chunk.tokens, chunk.multipliers, chunk.tags = tokens, multipliers, tags
+                chunk.tokens, chunk.multipliers, chunk.tags = moved_tokens, moved_multipliers, moved_tags
 
             if len(chunk.tokens) == CHUNK_TOKENS:
                 close_chunk()

@@ -15,7 +15,7 @@ from . import safe_pickle
 T = TypeVar("T")
 
 
-def load_tensors(path: str | Path) -> dict[str, Any]:
+def load_tensors(path: str | Path) -> Mapping[str, Any]:
     """The file's contents (nested dicts of tensors for pickles); a ConceptError names the file if it can't be read."""
     path = Path(path)
     try:
@@ -30,7 +30,7 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
         raise ConceptError(_one_line(f"cannot read {path.name}: {type(error).__name__}: {error}")) from error
     if not isinstance(tree, Mapping):
         raise ConceptError(f"cannot read {path.name}: it holds a {type(tree).__name__}, not a dict of tensors")
-    return dict(tree)
+    return tree
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
