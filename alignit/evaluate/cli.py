@@ -74,10 +74,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _settings(args: argparse.Namespace) -> GenerationSettings:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     if args.steps < 1 or not math.isfinite(args.guidance):
         raise InputError("--steps must be at least 1 and --guidance a number")
-    device = args.device or str(PartialState().device)
+    # PartialState reads neither `accelerate launch --cpu` nor --device: without cpu=True, processes started on a
+    # machine without GPUs would each run alone instead of sharing the jobs over gloo.
+    state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = args.device or str(state.device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
     width, height = parse_size(args.size)
     return GenerationSettings(args.model, args.steps, args.guidance, width, height, device, dtype, args.negative_prompt)
