@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 
+from .errors import ConceptError
+
 _FORBIDDEN_CLASS_CHARS = re.compile(r"[()\[\]:|<>\\{}]")
 _RESERVED_WORDS = re.compile(r"\b(AND|BREAK)\b")
-
-
-class ConceptError(ValueError):
-    """A concept that cannot be used; the message is meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,19 @@ class Concept:
 LORA_SCOPES = ("kv", "full")
 
 
+class SourceKind(enum.Enum):
+    """What carries a concept: an embedding's vectors, a LoRA's factors or a Custom Diffusion delta."""
+
+    EMBEDDING = "embedding"
+    LORA = "lora"
+    CUSTOM_DIFFUSION = "cd"
+
+
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where a concept comes from: ``kind`` is "embedding", "lora" or "cd" (Custom Diffusion); ``weight`` is the
-    LoRA multiplier (``lora:name:0.8``)."""
+    """Where a concept comes from; ``weight`` is the LoRA multiplier (``lora:name:0.8``)."""
 
-    kind: str
+    kind: SourceKind
     name: str
     weight: float = 1.0
 
@@ -71,12 +77,12 @@ def parse_source(concept: Concept) -> SourceSpec:
     if kind.lower() == "lora" and rest:
         name, _, weight = rest.rpartition(":") if rest.count(":") else (rest, "", "")
         try:
-            return SourceSpec("lora", name.strip(), float(weight) if weight.strip() else 1.0)
+            return SourceSpec(SourceKind.LORA, name.strip(), float(weight) if weight.strip() else 1.0)
         except ValueError:
-            return SourceSpec("lora", rest.strip())
+            return SourceSpec(SourceKind.LORA, rest.strip())
     if kind.lower() == "cd" and rest:
-        return SourceSpec("cd", rest.strip())
-    return SourceSpec("embedding", text)
+        return SourceSpec(SourceKind.CUSTOM_DIFFUSION, rest.strip())
+    return SourceSpec(SourceKind.EMBEDDING, text)
 
 
 @dataclass(frozen=True)

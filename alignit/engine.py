@@ -9,7 +9,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .concepts import ConceptError, Options
+from .concepts import Concept, Options, SourceKind, SourceSpec, parse_source
+from .errors import ConceptError, LayoutMismatch
 from .kv import ConceptKV, Key, LowRank, Projection
 from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_prompt
 from .prompt import MARK_OPEN, strip_markers
@@ -25,18 +26,6 @@ def _rows(cond: Cond) -> torch.Tensor:
 
 def _with_rows(cond: Cond, rows: torch.Tensor) -> Cond:
     return {**cond, "crossattn": rows} if isinstance(cond, Mapping) else rows
-
-
-class LayoutMismatch(RuntimeError):
-    """AlignIT's layout of a prompt differs from the host's own: the prompt is left as the host encoded it."""
-
-
-class Unsupported(RuntimeError):
-    """The loaded model or a WebUI setting rules AlignIT out for this generation."""
-
-
-class NotLoaded(Unsupported):
-    """No checkpoint is loaded yet."""
 
 
 class TextEncoder(Tokenizer, Protocol):
@@ -91,6 +80,27 @@ class ConceptSource:
     @property
     def weight_side(self) -> bool:
         return bool(self.kv or self.global_kv)
+
+
+class SourceResolver(Protocol):
+    """How a host turns each kind of concept source into a ``ConceptSource`` for its loaded model (ConceptError or
+    Unsupported say why it cannot)."""
+
+    def embedding(self, concept: Concept, spec: SourceSpec) -> ConceptSource: ...
+
+    def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource: ...
+
+    def custom_diffusion(self, concept: Concept, spec: SourceSpec) -> ConceptSource: ...
+
+
+def resolve_source(concept: Concept, resolver: SourceResolver) -> ConceptSource:
+    """The concept's source, by the kind its source text names."""
+    spec = parse_source(concept)
+    if spec.kind is SourceKind.LORA:
+        return resolver.lora(concept, spec)
+    if spec.kind is SourceKind.CUSTOM_DIFFUSION:
+        return resolver.custom_diffusion(concept, spec)
+    return resolver.embedding(concept, spec)
 
 
 def concept_tokens(encoder: TextEncoder, text: str, embeddings: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple]:

@@ -11,15 +11,14 @@ the rewriter takes ``ΔW·x`` back out of every other row. Hosts run it from for
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .concepts import ConceptError
+from .errors import ConceptError
 
 log = logging.getLogger("alignit")
 
@@ -84,15 +83,6 @@ def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
     """(out, in) of a linear layer, also where its weight is stored quantized."""
     out_features, in_features = getattr(module, "out_features", None), getattr(module, "in_features", None)
     return (out_features, in_features) if out_features and in_features else tuple(module.weight.shape)
-
-
-def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
-    """Every cross-attention to_k/to_v of an ldm-layout UNet, by ``(layer, proj)``."""
-    found = {}
-    for name, module in unet.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
-            found[(name[: -len(".to_k")], name[-1])] = module
-    return found
 
 
 def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:
@@ -221,79 +211,3 @@ class KVRewriter:
     def unmatched_layers(self) -> list[Key]:
         """Layers that ran without ever seeing a concept row (a hypernetwork or UNet replacement in the way)."""
         return [key for key, count in self.hits_by_layer.items() if count == 0]
-
-
-class KVInjector:
-    """Forward hooks on an ldm UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
-
-    ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
-    nothing and remove themselves.
-    """
-
-    def __init__(
-        self,
-        unet: torch.nn.Module,
-        concepts: Sequence[ConceptKV],
-        global_lora: Sequence[tuple[Key, Delta]] = (),
-        is_current: Callable[[], bool] = lambda: True,
-    ):
-        modules = attn2_modules(unet)
-        self.rewriter = KVRewriter(concepts, global_lora)
-        self.is_current = is_current
-        self.error: str | None = None
-        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
-
-    def _hook(self, key: Key):
-        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not self.is_current():
-                self.remove()
-                return None
-            try:
-                return self.rewriter.rewrite(key, inputs[0], output)
-            except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
-                log.exception("AlignIT: rewriting keys/values")
-                self.error = f"{type(error).__name__}: {error}"
-                self.remove()
-                return None
-
-        return hook
-
-    def unmatched_layers(self) -> list[Key]:
-        return self.rewriter.unmatched_layers()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.rewriter.release()
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> KVInjector:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-@contextlib.contextmanager
-def text_lora(text_model: torch.nn.Module, factors: Mapping[str, LowRank]) -> Iterator[None]:
-    """Apply a text-encoder LoRA functionally (``y + ΔW·x`` on each matched Linear) while the block runs."""
-    modules = {}
-    for name, module in text_model.named_modules():
-        if is_linear(module):
-            modules[name.replace(".", "_").removeprefix("text_model_")] = module
-    unknown = [name for name in factors if name not in modules]
-    if unknown:
-        raise ConceptError(f"the LoRA's text-encoder part names {unknown[0]}, which this text encoder does not have")
-    handles = [
-        modules[name].register_forward_hook(lambda m, i, o, p=projection: o + p.delta(i[0]).to(o.dtype))
-        for name, projection in factors.items()
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

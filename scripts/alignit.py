@@ -11,10 +11,10 @@ from modules.infotext_utils import PasteField
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alignit import args as alignit_args  # noqa: E402
-from alignit.hosts import webui  # noqa: E402
-from alignit.hosts.detect import current_host  # noqa: E402
-from alignit.hosts.webui_sources import CD_DIR_OPTION  # noqa: E402
+from alignit.hosts.webui import args as alignit_args  # noqa: E402
+from alignit.hosts.webui import flow as webui  # noqa: E402
+from alignit.hosts.webui.detect import current_host  # noqa: E402
+from alignit.hosts.webui.sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
 HOST = current_host()

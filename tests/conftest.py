@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from clip_parts import clip_text_model, clip_tokenizer, small_clip_text_model
-
-from alignit.hosts.hf_clip import HFClipEncoder
+from hf_clip import HFClipEncoder
 
 HIDDEN = 32
 

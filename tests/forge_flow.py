@@ -30,7 +30,7 @@ from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 from modules import prompt_parser, shared
 from webui_flow import Processing
 
-from alignit.hosts.forge import ForgeHost
+from alignit.hosts.webui.forge import ForgeHost
 
 HOST = ForgeHost()
 _ATTN2 = re.compile(r"^(?:(input|output)_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.attn2$")

@@ -28,7 +28,7 @@ def webui(text_model, tokenizer, vectors):
 
 def expected_aligned(prompt, concepts, sources):
     """AlignIT's conditioning of one prompt text computed straight from the core, with the WebUI's encoder."""
-    from alignit.hosts.a1111 import A1111Encoder
+    from alignit.hosts.webui.a1111 import A1111Encoder
 
     rewrite = rewrite_prompt(prompt, concepts)
     base = shared.sd_model.cond_stage_model([rewrite.plain])[0]

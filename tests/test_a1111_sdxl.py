@@ -8,14 +8,14 @@ import networks
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_clip import HFClipEncoder
 from ldm_parts import tiny_sd15_unet, tiny_sdxl_unet
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
 from webui_flow import FakeSDXLModel, Processing, generate, script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
-from alignit.hosts.hf_clip import HFClipEncoder
-from alignit.kv import attn2_modules
+from alignit.hosts.webui.ldm import attn2_modules
 
 BOS, EOS, STAR = 49406, 49407, 265
 L, G = 768, 1280

@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 from webui_flow import FakeModel, Processing, generate, script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
-from alignit.hosts import a1111
-from alignit.hosts import webui as flow
-from alignit.kv import attn2_modules
+from alignit.hosts.webui import a1111, flow
+from alignit.hosts.webui.ldm import attn2_modules
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]

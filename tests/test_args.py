@@ -1,7 +1,8 @@
 import pytest
 
-from alignit import args
-from alignit.concepts import Concept, ConceptError, Options, SourceSpec, parse_source
+from alignit.concepts import Concept, Options, SourceKind, SourceSpec, parse_source
+from alignit.errors import ConceptError
+from alignit.hosts.webui import args
 
 
 def test_positional_ui_order():
@@ -64,12 +65,12 @@ def test_concept_validation(concept, message):
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("", SourceSpec("embedding", "<sks>")),
-        ("my-cat", SourceSpec("embedding", "my-cat")),
-        ("lora:cat_v2", SourceSpec("lora", "cat_v2", 1.0)),
-        ("LoRA:cat_v2:0.6", SourceSpec("lora", "cat_v2", 0.6)),
-        ("lora:odd:name", SourceSpec("lora", "odd:name", 1.0)),
-        ("cd:cat delta", SourceSpec("cd", "cat delta")),
+        ("", SourceSpec(SourceKind.EMBEDDING, "<sks>")),
+        ("my-cat", SourceSpec(SourceKind.EMBEDDING, "my-cat")),
+        ("lora:cat_v2", SourceSpec(SourceKind.LORA, "cat_v2", 1.0)),
+        ("LoRA:cat_v2:0.6", SourceSpec(SourceKind.LORA, "cat_v2", 0.6)),
+        ("lora:odd:name", SourceSpec(SourceKind.LORA, "odd:name", 1.0)),
+        ("cd:cat delta", SourceSpec(SourceKind.CUSTOM_DIFFUSION, "cat delta")),
     ],
 )
 def test_source_specs(source, expected):

@@ -18,9 +18,10 @@ from safetensors.torch import save_file
 from webui_flow import script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
-from alignit.hosts import webui as flow
-from alignit.hosts.forge_attention import block_key, cond_batch_rows
-from alignit.kv import ConceptKV, KVInjector, LowRank, attn2_modules
+from alignit.hosts.webui import flow
+from alignit.hosts.webui.forge_attention import block_key, cond_batch_rows
+from alignit.hosts.webui.ldm import KVInjector, attn2_modules
+from alignit.kv import ConceptKV, LowRank
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]
@@ -139,7 +140,7 @@ def test_only_cond_rows_change_and_tiled_rows_too(forge):
 
 
 def test_rows_in_uncond_are_left_alone(forge):
-    from alignit.hosts.forge_attention import AttentionPatch
+    from alignit.hosts.webui.forge_attention import AttentionPatch
     from alignit.kv import KVRewriter
 
     layer = "input_blocks.1.1.transformer_blocks.0.attn2"

@@ -8,14 +8,15 @@ import networks
 import pytest
 import torch
 from forge_flow import FakeForgeSDXLModel, ForgeProcessing, generate
+from hf_clip import HFClipEncoder
 from ldm_parts import tiny_sdxl_unet
 from modules import sd_hijack, shared
 from safetensors.torch import save_file
 from webui_flow import script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
-from alignit.hosts.hf_clip import HFClipEncoder
-from alignit.kv import LowRank, text_lora
+from alignit.kv import LowRank
+from alignit.text_lora import text_lora
 
 BOS, EOS, STAR = 49406, 49407, 265
 L, G = 768, 1280

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from ldm_parts import tiny_sd15_unet, weights_digest
 from weight_files import random_cd_weights, random_factors
 
-from alignit.concepts import ConceptError
-from alignit.kv import ConceptKV, KVInjector, LowRank, Replacement, attn2_modules, check_fits, text_lora
+from alignit.errors import ConceptError
+from alignit.hosts.webui.ldm import KVInjector, attn2_modules
+from alignit.kv import ConceptKV, LowRank, Replacement, check_fits
+from alignit.text_lora import text_lora
 
 CONCEPT_AT = [(0, 2), (0, 3), (1, 5), (1, 6)]  # (batch row, token) of the concept's two rows in two cond items
 
@@ -158,7 +160,7 @@ def test_text_encoder_lora_is_functional(text_model, encoder):
         if key in factors:
             with torch.no_grad():
                 module.weight += factors[key].scale * factors[key].up @ factors[key].down
-    from alignit.hosts.hf_clip import HFClipEncoder
+    from hf_clip import HFClipEncoder
 
     reference = HFClipEncoder(merged, encoder.tokenizer).encode_chunk(tokens, weights, [])
     torch.testing.assert_close(customized, reference, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ from ldm_parts import tiny_sd15_unet
 from safetensors.torch import save_file
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
-from alignit.concepts import ConceptError
+from alignit.errors import ConceptError
 from alignit.sources.custom_diffusion import load_custom_diffusion
 from alignit.sources.lora import load_lora
 from alignit.sources.names import attn2_projection

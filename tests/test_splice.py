@@ -137,7 +137,7 @@ def test_placeholders_before_the_concept_matter_after_it_do_not(encoder, vectors
 
 
 def test_layout_check_rejects_a_foreign_layout(encoder):
-    from alignit.engine import LayoutMismatch
+    from alignit.errors import LayoutMismatch
 
     chunks = layout_prompt("a cat", encoder)
     with pytest.raises(LayoutMismatch):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..concepts import ConceptError
+from ..errors import ConceptError
 from ..kv import Replacement
 from .files import flatten, load_tensors
 from .names import attn2_projection

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..concepts import ConceptError
+from ..errors import ConceptError
 
 T = TypeVar("T")
 

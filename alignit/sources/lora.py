@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..concepts import ConceptError
+from ..errors import ConceptError
 from ..kv import LowRank
 from .files import flatten, load_tensors
 from .names import attn2_projection, text_module

@@ -10,8 +10,8 @@ from collections import namedtuple
 from types import SimpleNamespace
 
 import torch
+from hf_clip import HFClipEncoder
 
-from alignit.hosts.hf_clip import HFClipEncoder
 from alignit.layout import EmbeddingMatch, LayoutOptions, layout_prompt
 
 PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..engine import LayoutMismatch
-from ..layout import Chunk, EmbeddingMatch, LayoutOptions, layout_prompt
+from alignit.errors import LayoutMismatch
+from alignit.layout import Chunk, EmbeddingMatch, LayoutOptions, layout_prompt
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 

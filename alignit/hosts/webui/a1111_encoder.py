@@ -11,9 +11,9 @@ import torch
 from modules import devices, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
-from ..concepts import ConceptError
-from ..engine import Unsupported, check_same_layout
-from ..layout import Chunk, EmbeddingMatch, LayoutOptions
+from ...engine import check_same_layout
+from ...errors import ConceptError, Unsupported
+from ...layout import Chunk, EmbeddingMatch, LayoutOptions
 
 
 def text_encoders(cond_stage_model: Any) -> list[Any]:

@@ -14,9 +14,9 @@ from backend.text_processing import emphasis
 from backend.text_processing.classic_engine import PromptChunkFix
 from modules import shared
 
-from ..concepts import ConceptError
-from ..engine import NotLoaded, Unsupported, check_same_layout
-from ..layout import Chunk, EmbeddingMatch, LayoutOptions
+from ...engine import check_same_layout
+from ...errors import ConceptError, NotLoaded, Unsupported
+from ...layout import Chunk, EmbeddingMatch, LayoutOptions
 
 COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read from the setting as on A1111
 

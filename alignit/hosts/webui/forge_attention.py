@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..kv import Key, KVRewriter
+from ...kv import Key, KVRewriter
 
 log = logging.getLogger("alignit")
 

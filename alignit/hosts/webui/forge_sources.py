@@ -8,19 +8,23 @@ import contextlib
 import functools
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from backend.patcher.lora import load_lora, merge_lora_to_weight, model_lora_keys_clip, model_lora_keys_unet
 from modules import shared
 
-from ..concepts import Concept, ConceptError, parse_source
-from ..engine import ConceptSource, Unsupported
-from ..kv import Delta, Dense, Key, LowRank, attn2_modules, text_lora
-from ..sources.files import flatten, load_tensors, read_cached
-from ..sources.names import text_module
-from . import webui_sources
+from ...concepts import Concept, SourceSpec
+from ...engine import ConceptSource
+from ...errors import ConceptError, Unsupported
+from ...kv import Delta, Dense, Key, LowRank
+from ...sources.files import flatten, load_tensors, read_cached
+from ...sources.names import text_module
+from ...text_lora import text_lora
+from . import sources as webui_sources
 from .forge_encoder import ForgeEncoder, text_engines
+from .ldm import attn2_modules
 
 _UNET_KV = re.compile(r"^diffusion_model\.(?P<layer>.+\.attn2)\.to_(?P<proj>[kv])\.weight$")
 
@@ -91,16 +95,28 @@ def lora_parts(
     return kv, text, unmatched
 
 
-def resolve(concept: Concept, encoder: ForgeEncoder, sd_model: Any, lora_scope: str) -> ConceptSource:
-    """The concept's source, checked against the loaded model; ConceptError says what is wrong."""
-    spec = parse_source(concept)
-    if spec.kind == "embedding":
-        embedding = webui_sources.find_embedding(concept, encoder.engines[0].embeddings)
+@dataclass
+class ForgeSources:
+    """``SourceResolver`` for Forge's loaded model."""
+
+    encoder: ForgeEncoder
+    sd_model: Any
+    lora_scope: str
+
+    def _modules(self) -> dict[Key, torch.nn.Module]:
+        return attn2_modules(self.sd_model.forge_objects.unet.model.diffusion_model)
+
+    def embedding(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
+        embedding = webui_sources.find_embedding(concept, self.encoder.engines[0].embeddings)
         return ConceptSource.embedding(embedding.name, int(embedding.vectors), embedding)
-    modules = attn2_modules(sd_model.forge_objects.unet.model.diffusion_model)
-    if spec.kind == "cd":
-        return webui_sources.resolve_custom_diffusion(concept, encoder, modules)
-    tensors = read_cached(_tensors, webui_sources.lora_file(concept))
-    kv, text, unmatched = lora_parts(sd_model, encoder, tensors, spec.weight)
-    text_patch = functools.partial(_text_loras, encoder.text_models, text) if any(text) else None
-    return webui_sources.resolve_lora(concept, encoder, modules, kv, text_patch, lora_scope, other_family=bool(unmatched))
+
+    def custom_diffusion(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
+        return webui_sources.resolve_custom_diffusion(concept, self.encoder, self._modules())
+
+    def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
+        tensors = read_cached(_tensors, webui_sources.lora_file(concept))
+        kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
+        text_patch = functools.partial(_text_loras, self.encoder.text_models, text) if any(text) else None
+        return webui_sources.resolve_lora(
+            concept, self.encoder, self._modules(), kv, text_patch, self.lora_scope, other_family=bool(unmatched)
+        )

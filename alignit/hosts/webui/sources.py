@@ -11,11 +11,12 @@ from typing import Any
 
 from modules import paths, shared
 
-from ..concepts import Concept, ConceptError, parse_source
-from ..engine import ConceptSource, concept_tokens
-from ..kv import Delta, Key, check_fits
-from ..sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
-from ..sources.files import read_cached
+from ...concepts import Concept, parse_source
+from ...engine import ConceptSource, concept_tokens
+from ...errors import ConceptError
+from ...kv import Delta, Key, check_fits
+from ...sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
+from ...sources.files import read_cached
 
 CD_DIR_OPTION = "alignit_custom_diffusion_dir"
 

@@ -25,11 +25,12 @@ from typing import Any, Protocol
 import torch
 from modules import extra_networks, prompt_parser, sd_samplers, shared
 
-from .. import args as alignit_args
-from ..concepts import Concept, ConceptError, Options, parse_source
-from ..engine import ConceptSource, LayoutMismatch, NotLoaded, Splicer, TextEncoder, Unsupported
-from ..kv import Key
-from ..prompt import rewrite_prompt, set_lora_tag
+from ...concepts import Concept, Options, SourceKind, parse_source
+from ...engine import ConceptSource, Splicer, TextEncoder
+from ...errors import ConceptError, LayoutMismatch, NotLoaded, Unsupported
+from ...kv import Key
+from ...prompt import rewrite_prompt, set_lora_tag
+from . import args as alignit_args
 
 log = logging.getLogger("alignit")
 
@@ -119,9 +120,9 @@ class Generation:
     def lora_tags(self) -> dict[str, str | None]:
         """LoRA name → the tag the prompt must carry for it (None: no tag), for every concept bound to a LoRA."""
         tags: dict[str, str | None] = {}
-        for concept, source in zip(self.options.concepts, self.splicer.sources):
-            if source.name.startswith("lora:"):
-                spec = parse_source(concept)
+        for concept in self.options.concepts:
+            spec = parse_source(concept)
+            if spec.kind is SourceKind.LORA:
                 tags[spec.name] = f"<lora:{spec.name}:0:{spec.weight:g}>" if self.options.lora_scope == "full" else None
         return tags
 

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .concepts import Concept, ConceptError, Options
+from ...concepts import Concept, Options
+from ...errors import ConceptError
 
 ROWS = 3
 """Concept rows in the UI."""

@@ -14,10 +14,11 @@ from typing import Any
 from backend import attention
 from modules import shared
 
-from ..concepts import Concept
-from ..engine import ConceptSource, Splicer, TextEncoder
-from ..kv import KVRewriter
-from . import forge_sources, webui_sources
+from ...concepts import Concept
+from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
+from ...kv import KVRewriter
+from . import forge_sources
+from . import sources as webui_sources
 from .forge_attention import AttentionPatch
 from .forge_encoder import ForgeEncoder
 
@@ -32,7 +33,7 @@ class ForgeHost:
         return ForgeEncoder(shared.sd_model)
 
     def resolve(self, concept: Concept, encoder: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:
-        return forge_sources.resolve(concept, encoder, shared.sd_model, lora_scope)
+        return resolve_source(concept, forge_sources.ForgeSources(encoder, shared.sd_model, lora_scope))
 
     def install_kv(self, p: Any, splicer: Splicer) -> AttentionPatch | None:
         concepts, global_kv = splicer.kv_concepts(), splicer.global_kv()

@@ -12,11 +12,12 @@ from typing import Any
 
 from modules import shared
 
-from ..concepts import Concept
-from ..engine import ConceptSource, NotLoaded, Splicer, TextEncoder, Unsupported
-from ..kv import KVInjector
+from ...concepts import Concept
+from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
+from ...errors import NotLoaded, Unsupported
 from . import a1111_sources
 from .a1111_encoder import A1111Encoder
+from .ldm import KVInjector
 
 _live_injectors: list[KVInjector] = []
 
@@ -48,7 +49,8 @@ class A1111Host:
         return A1111Encoder(shared.sd_model.cond_stage_model)
 
     def resolve(self, concept: Concept, encoder: Any, lora_scope: str, warn: Callable[[str], None]) -> ConceptSource:
-        source = a1111_sources.resolve(concept, encoder, shared.sd_model.model.diffusion_model, lora_scope, warn)
+        resolver = a1111_sources.A1111Sources(encoder, shared.sd_model.model.diffusion_model, lora_scope, warn)
+        source = resolve_source(concept, resolver)
         if source.weight_side:
             _check_unet_reachable()
         return source

@@ -1,0 +1,77 @@
+"""The ldm UNet A1111 runs: its cross-attention projections by name, and forward hooks on them that run a
+``KVRewriter`` for one sampling pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ...kv import ConceptKV, Delta, Key, KVRewriter, is_linear
+
+log = logging.getLogger("alignit")
+
+
+def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
+    """Every cross-attention to_k/to_v of an ldm-layout UNet, by ``(layer, proj)``."""
+    found = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
+            found[(name[: -len(".to_k")], name[-1])] = module
+    return found
+
+
+class KVInjector:
+    """Forward hooks on an ldm UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
+
+    ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
+    nothing and remove themselves.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        concepts: Sequence[ConceptKV],
+        global_lora: Sequence[tuple[Key, Delta]] = (),
+        is_current: Callable[[], bool] = lambda: True,
+    ):
+        modules = attn2_modules(unet)
+        self.rewriter = KVRewriter(concepts, global_lora)
+        self.is_current = is_current
+        self.error: str | None = None
+        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
+
+    def _hook(self, key: Key):
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.is_current():
+                self.remove()
+                return None
+            try:
+                return self.rewriter.rewrite(key, inputs[0], output)
+            except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
+                log.exception("AlignIT: rewriting keys/values")
+                self.error = f"{type(error).__name__}: {error}"
+                self.remove()
+                return None
+
+        return hook
+
+    def unmatched_layers(self) -> list[Key]:
+        return self.rewriter.unmatched_layers()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.rewriter.release()
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> KVInjector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
