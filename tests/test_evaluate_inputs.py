@@ -7,7 +7,8 @@ import json
 import pytest
 from evaluate_parts import write_concepts_yaml, write_references
 
-from alignit.evaluate.inputs import InputError, load_concepts
+from alignit.errors import InputError
+from alignit.evaluate.inputs import load_concepts
 
 # Two entries as customconcept101/dataset.json writes them, and prompt files in its form (a trailing blank line too).
 DATASET = [

@@ -15,6 +15,7 @@ import pytest
 from evaluate_parts import save_tiny_clip, save_tiny_dino, write_concepts_yaml
 from PIL import Image
 
+from alignit.errors import InputError
 from alignit.evaluate import cli, generator
 from alignit.evaluate.metrics import FeatureModels, References, score
 
@@ -145,7 +146,7 @@ def test_an_output_folder_of_other_settings_is_refused(setup, tmp_path, capsys):
 
 def test_missing_diffusers_host_is_one_line(monkeypatch):
     monkeypatch.setattr(generator, "DEFAULT_GENERATOR", "alignit.hosts.no_such_host:image_generator")
-    with pytest.raises(generator.InputError, match=r"^the diffusers host \(alignit.hosts.no_such_host\) is not available"):
+    with pytest.raises(InputError, match=r"^the diffusers host \(alignit.hosts.no_such_host\) is not available"):
         generator.load_factory(None)
 
 

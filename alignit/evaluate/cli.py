@@ -13,8 +13,9 @@ import math
 import sys
 from pathlib import Path
 
+from ..errors import InputError
 from .generator import DEFAULT_GENERATOR, GenerationSettings, load_factory
-from .inputs import InputError, load_concepts
+from .inputs import load_concepts
 from .runner import RunConfig, evaluate
 from .summary import OVERALL, SHORT
 

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from PIL import Image
 
-from .inputs import EvalConcept, InputError
+from ..errors import InputError
+from .inputs import EvalConcept
 
 DEFAULT_GENERATOR = "alignit.hosts.diffusers:image_generator"
 

@@ -32,16 +32,14 @@ from typing import Any
 
 import yaml
 
+from ..errors import InputError
+
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tiff", ".JPG")
 """The reference-image extensions CustomConcept101's evaluate.py reads (case-sensitive, as there)."""
 
 SOURCE_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _MODIFIER = re.compile(r"<[^<>\s]+>")
-
-
-class InputError(ValueError):
-    """Bad input; the message is one line meant for the user."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ The caption in prompts.json is the user's; we give it the prompt with the class 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +38,7 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
     short, long = min(width, height), max(width, height)
     new_short, new_long = size, int(size * long / short)
     new = (new_short, new_long) if width <= height else (new_long, new_short)
-    return image if new == image.size else image.resize(new, Image.BICUBIC)
+    return image if new == image.size else image.resize(new, Image.Resampling.BICUBIC)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -123,7 +123,15 @@ class FeatureModels:
     def _dino_forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.dino(pixel_values=pixels).last_hidden_state[:, 0]
 
-    def _batched(self, images, resize, crop, mean, std, forward) -> np.ndarray:
+    def _batched(
+        self,
+        images: Sequence[Image.Image],
+        resize: int,
+        crop: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        forward: Callable[[torch.Tensor], torch.Tensor],
+    ) -> np.ndarray:
         parts = []
         for start in range(0, len(images), BATCH):
             pixels = torch.stack([preprocess(image, resize, crop, mean, std) for image in images[start : start + BATCH]])

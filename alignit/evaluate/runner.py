@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import InputError
 from .generator import GenerationSettings, GeneratorFactory, ImageGenerator
-from .inputs import EvalConcept, InputError
+from .inputs import EvalConcept
 from .jobs import MAX_ATTEMPTS, TIMING_KEY, Job, Store, plan, save_image, write_atomic, write_json
 from .metrics import FeatureModels, References, score
 from .report import plot_png, report_html

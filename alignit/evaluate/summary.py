@@ -44,7 +44,9 @@ def _paired(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarra
     return off, on
 
 
-def _row(name, jobs, done, failed, off, on, diff, boot) -> Row:
+def _row(
+    name: str, jobs: int, done: int, failed: int, off: np.ndarray, on: np.ndarray, diff: np.ndarray, boot: np.ndarray
+) -> Row:
     low, high = (np.percentile(boot, q, axis=0) if len(boot) else np.full(len(METRICS), np.nan) for q in (2.5, 97.5))
     as_dict = lambda values: {m: float(v) for m, v in zip(METRICS, values)}  # noqa: E731
     return Row(name, jobs, done, failed, as_dict(off), as_dict(on), as_dict(diff), as_dict(low), as_dict(high))
@@ -75,8 +77,8 @@ def summarize(concepts: Sequence[str], results: Sequence[Mapping[str, Any]], sam
     else:
         off = on = diff = nan
         overall_boot = np.empty((0, len(METRICS)))
-    total = [sum(getattr(row, key) for row in rows) for key in ("jobs", "done", "failed")]
-    rows.append(_row(OVERALL, *total, off, on, diff, overall_boot))
+    jobs, done_jobs, failed_jobs = (sum(getattr(row, key) for row in rows) for key in ("jobs", "done", "failed"))
+    rows.append(_row(OVERALL, jobs, done_jobs, failed_jobs, off, on, diff, overall_boot))
     return rows
 
 
