@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def generation_seconds(
     """One image: ``steps`` UNet steps (batch 2, extrapolated from ``timed``) plus the VAE decode; and the image."""
     unet.eval()
     vae.eval()
-    width = unet.config.cross_attention_dim
+    width = unet.config["cross_attention_dim"]
     x = torch.randn(2, 4, latent, latent, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(1))
     unet(x, 500, encoder_hidden_states=context)

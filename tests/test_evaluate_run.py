@@ -129,6 +129,8 @@ def test_a_concept_whose_generator_cannot_be_built_fails_its_jobs_only(setup, tm
         (lambda a: [*a, "--generator", "evaluate_fakes"], "MODULE:FACTORY"),
         (lambda a: [*a, "--generator", "no_such_module:factory"], "cannot import no_such_module"),
         (lambda a: [*a, "--generator", "evaluate_fakes:nothing"], "no callable nothing"),
+        (lambda a: [*a, "--clip-model", "/no/such/clip"], "cannot load the metric models (/no/such/clip, "),
+        (lambda a: [*a, "--out", "/dev/null/out"], "--out /dev/null/out: Not a directory"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(setup, tmp_path, capsys, change, message):

@@ -89,7 +89,7 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit status: 0 done (failed jobs are in the results), 2 bad input (one line on stderr)."""
+    """Exit status: 0 done (failed jobs are in the results), 2 bad input (one line on stderr), 130 interrupted."""
     try:
         if args.prompts_limit is not None and args.prompts_limit < 1:
             raise InputError("--prompts-limit must be at least 1")
@@ -106,10 +106,18 @@ def run(args: argparse.Namespace) -> int:
             prompts_limit=args.prompts_limit,
             bootstrap=args.bootstrap,
         )
-        rows = evaluate(config, load_factory(args.generator))
+        factory = load_factory(args.generator)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"--out {args.out}: {error.strerror}") from error
+        rows = evaluate(config, factory)
     except InputError as error:
         print(f"alignit evaluate: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"alignit evaluate: interrupted; run it again with --out {args.out} to go on", file=sys.stderr)
+        return 130
     if rows:
         overall = rows[-1]
         assert overall.name == OVERALL

@@ -36,7 +36,6 @@ def plot_png(rows: Sequence[Row]) -> bytes:
         axis.set_yticks(list(positions), names, fontsize=8)
         axis.invert_yaxis()
         axis.set_xlabel(f"{LABELS[metric]} alignment")
-        axis.legend(loc="lower right", fontsize=8)
     trade = axes[2]
     for row in shown:
         (x0, y0), (x1, y1) = ((side["image_alignment"], side["text_alignment"]) for side in (row.off, row.on))
@@ -49,7 +48,8 @@ def plot_png(rows: Sequence[Row]) -> bytes:
     trade.set_xlabel("image alignment (CLIP)")
     trade.set_ylabel("text alignment")
     trade.set_title("off (blue) → on (orange)", fontsize=9)
-    figure.tight_layout()
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="upper left", ncols=2, fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     plt.close(figure)

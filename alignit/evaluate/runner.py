@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,10 +99,9 @@ class _Progress:
 class _Worker:
     """Runs one process's share: one concept's generator and references at a time."""
 
-    def __init__(self, config: RunConfig, factory: GeneratorFactory, models: Callable[[], FeatureModels]) -> None:
-        self.config, self.factory, self.load_models = config, factory, models
+    def __init__(self, config: RunConfig, factory: GeneratorFactory, models: FeatureModels) -> None:
+        self.config, self.factory, self.models = config, factory, models
         self.store = Store(config.out)
-        self.models: FeatureModels | None = None
         self.concept: EvalConcept | None = None
         self.generator: ImageGenerator | None = None
         self.references: References | None = None
@@ -112,8 +111,6 @@ class _Worker:
         self.close()
         self.concept, self.broken = concept, None
         try:
-            if self.models is None:
-                self.models = self.load_models()
             self.references = References.of(self.models, [_open(path) for path in concept.reference_images()])
             self.generator = self.factory(concept, self.config.settings)
         except Exception as error:
@@ -139,7 +136,7 @@ class _Worker:
             self.store.finish(job, {"status": "failed", "reason": _reason(error)})
 
     def _generate_and_score(self, job: Job) -> None:
-        assert self.generator is not None and self.models is not None and self.references is not None
+        assert self.generator is not None and self.references is not None
         start = time.perf_counter()
         images = [self.generator.generate(job.prompt, job.seed, aligned) for aligned in (False, True)]
         for image in images:
@@ -203,7 +200,14 @@ def report(config: RunConfig, results: Sequence[dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def evaluate(config: RunConfig, factory: GeneratorFactory, models: Callable[[], FeatureModels] | None = None) -> list[Row] | None:
+def _load_models(config: RunConfig) -> FeatureModels:
+    try:
+        return FeatureModels(config.clip_model, config.dino_model, config.settings.device)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load the metric models ({config.clip_model}, {config.dino_model}): {_reason(error)}") from error
+
+
+def evaluate(config: RunConfig, factory: GeneratorFactory) -> list[Row] | None:
     """Run every pending job of this process's share; on the main process merge and report (others return None)."""
     from accelerate import PartialState
 
@@ -214,17 +218,18 @@ def evaluate(config: RunConfig, factory: GeneratorFactory, models: Callable[[], 
     if state.is_main_process:
         store.remove_temporaries()
     pending = [job for job in jobs if not store.is_done(job)]
+    models = _load_models(config) if pending else None
     progress = _Progress(config.out, state.process_index, state.num_processes, len(jobs), len(jobs) - len(pending))
     state.wait_for_everyone()
-    load = models or (lambda: FeatureModels(config.clip_model, config.dino_model, config.settings.device))
-    worker = _Worker(config, factory, load)
-    try:
-        with state.split_between_processes(pending) as mine:
-            for job in mine:
-                worker.run(job)
-                progress.advance()
-    finally:
-        worker.close()
+    if models is not None:
+        worker = _Worker(config, factory, models)
+        try:
+            with state.split_between_processes(pending) as mine:
+                for job in mine:
+                    worker.run(job)
+                    progress.advance()
+        finally:
+            worker.close()
     state.wait_for_everyone()
     progress.close()
     if not state.is_main_process:
