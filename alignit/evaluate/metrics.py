@@ -1,6 +1,6 @@
 """CustomConcept101's metrics, as its evaluate.py computes them, on transformers models.
 
-Followed: adobe-research/custom-diffusion, ``customconcept101/evaluate.py`` (commit 7c19c9a):
+Followed: adobe-research/custom-diffusion, ``customconcept101/evaluate.py`` (commit 7c19c9a7820d):
 - preprocessing, lines 47-55 (CLIP: Resize(224, bicubic) of the shorter side, CenterCrop(224), RGB, ToTensor,
   Normalize with CLIP's mean/std) and 73-80 (DINO: Resize(256, bicubic), CenterCrop(224), RGB, ToTensor, Normalize
   with ImageNet's mean/std). Here 224 is the model's own image size and 256 scales with it; torchvision's Resize and
@@ -13,6 +13,7 @@ Followed: adobe-research/custom-diffusion, ``customconcept101/evaluate.py`` (com
 - image alignment, lines 178-221: both sides L2-normalized, the mean of ``image @ references.T``: per image, the mean
   cosine against every reference image (no weight, no clipping); CLIP and DINO alike.
 The caption in prompts.json is the user's; we give it the prompt with the class word in place of the concept.
+Not followed: on CUDA, evaluate.py runs CLIP in float16 (clip.load, line 114); we run both models in float32.
 """
 
 from __future__ import annotations
