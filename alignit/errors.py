@@ -17,3 +17,7 @@ class Unsupported(RuntimeError):
 
 class NotLoaded(Unsupported):
     """No checkpoint is loaded yet."""
+
+
+class InputError(ValueError):
+    """Bad input to ``alignit evaluate`` (a concepts file, an option, an output folder of another run)."""
