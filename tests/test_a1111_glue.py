@@ -168,3 +168,37 @@ def test_concept_keys_and_values_in_every_cross_attention_layer(webui):
         others = [i for i in range(77) if i != 2]
         assert torch.allclose(projected[others], base[others] @ weight.T, atol=1e-5)  # every other row: W·c
     assert all(not module._forward_hooks for module in layers.values())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["garbage"], "'enabled' must be true or false, not 'garbage'; generating without AlignIT"),
+        ([{"enabled": True, "concepts": ["abc"]}], "concept 1 must be a list"),
+        ([{"enabled": True, "concepts": []}], "AlignIT is enabled but no concept row is filled in"),
+    ],
+)
+def test_bad_api_arguments_say_so_and_render_plain(arguments, message):
+    p = generate(Processing(["a <sks> on a sofa"], steps=2), arguments)
+    Processing.cached_c = [None, None]
+    plain = generate(Processing(["a <sks> on a sofa"], steps=2))
+    assert message in p.extra_generation_params["AlignIT warning"]
+    assert not any(key.startswith("AlignIT ") and key[8:].isdigit() for key in p.extra_generation_params)
+    assert all(torch.equal(a, b) for a, b in zip(p.sampled[0], plain.sampled[0], strict=True))
+
+
+def test_a_concept_the_prompt_never_names_is_said_and_not_recorded():
+    lisa = ["lisa", "woman", "", 1.0]
+    p = generate(Processing(["a <sks> on a sofa"], steps=2), script_args(SKS, lisa))
+    assert "concept 'lisa': its trigger is not in the prompt" in p.extra_generation_params["AlignIT warning"]
+    assert p.extra_generation_params["AlignIT 1"] == "<sks> → cat, source: sks"
+    assert "AlignIT 2" not in p.extra_generation_params
+
+
+def test_a_step_range_that_covers_no_step_says_so_and_installs_nothing():
+    p = generate(Processing(["a <sks> on a sofa"], steps=1), script_args(SKS, start=0.1, end=0.8))
+    warning = p.extra_generation_params["AlignIT warning"]
+    assert warning == "the step range 0.1-0.8 covers no sampling step of this pass: the class word is used throughout"
+    Processing.cached_c = [None, None]
+    plain = generate(Processing(["a cat on a sofa"], steps=1))
+    assert all(torch.equal(a, b) for a, b in zip(p.sampled[0], plain.sampled[0], strict=True))

@@ -242,3 +242,19 @@ def test_only_the_concept_rows_of_the_prompt_holding_it_change(webui, recorded, 
     kv_checks.check_against_plain(
         on, off, strength, c_prime, lambda key: attn2_modules(webui.unet)[key].weight, lambda key, x: low_rank(webui, key, 0.8)(x)
     )
+
+
+def test_a_full_scope_lora_outside_an_empty_step_range_is_said_right(webui, recorded):
+    """One step and a range of 0.1-0.8: no step uses the concept rows. The message says so (not 'never reached'),
+    and the full-scope LoRA still comes off every row: the keys/values are those of the class-word prompt."""
+    Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
+    generate(Processing(["a photo of man playing"], steps=1), script_args(LORA, enabled=False))
+    off = recorded()
+    p = generate(Processing(["a photo of ohwx playing"], steps=1), script_args(LORA, scope="full", start=0.1, end=0.8))
+    on = recorded()
+    warning = p.extra_generation_params["AlignIT warning"]
+    assert warning == "the step range 0.1-0.8 covers no sampling step of this pass: the class word is used throughout"
+    assert len(on) == len(off) == 32
+    for (key, _, out), (plain_key, _, plain) in zip(on, off):
+        assert key == plain_key
+        torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)

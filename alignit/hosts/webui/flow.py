@@ -116,6 +116,7 @@ class Generation:
     hires: PassPlan | None = None
     kv: KVMechanism | None = None
     applied: set[int] = field(default_factory=set)  # concepts found in a prompt that AlignIT prepared
+    kv_expects_rows: bool = True  # whether the pass's schedule puts the concept rows in front of the UNet at all
 
     @property
     def options(self) -> Options:
@@ -339,8 +340,7 @@ def before_sampling(p: Any, c: Any) -> None:
         _message(p, f"{error}; the class word is used without the concept")
         return
     _remove_kv(p, generation)
-    if not plan.in_range:
-        return
+    generation.kv_expects_rows = plan.in_range  # a full-scope LoRA still comes off every row outside the range
     try:
         generation.kv = generation.host.install_kv(p, generation.splicer)
     except Exception as error:  # the text-side splice stands; the pass runs without the concept's own K/V weights
@@ -357,7 +357,7 @@ def _remove_kv(p: Any, generation: Generation) -> None:
     if kv.error:
         _message(p, f"{kv.error}; the concept's own key/value weights were not applied from then on")
         return
-    unmatched = kv.unmatched_layers()
+    unmatched = kv.unmatched_layers() if generation.kv_expects_rows else []
     if unmatched:
         _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")
 
