@@ -337,3 +337,24 @@ def test_only_the_concept_rows_of_the_prompt_holding_it_change(forge, strength):
             LowRank(forge.factors[key][0], forge.factors[key][1], float(forge.factors[key][2]) / 2).times(0.8).delta(x)
         ),
     )
+
+
+def test_the_lora_file_cache_keeps_only_the_parts_alignit_uses(tmp_path):
+    from alignit.hosts.webui import forge_sources
+
+    kept = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v.alpha",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.up.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha",
+        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj.lora_A.weight",
+    }
+    dropped = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_k.lora_down.weight",
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q.lora_down.weight",
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_out_0.lora_down.weight",
+        "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight",
+    }
+    save_file({key: torch.zeros(2) for key in kept | dropped}, str(tmp_path / "mixed.safetensors"))
+    assert set(forge_sources._tensors(str(tmp_path / "mixed.safetensors"))) == kept

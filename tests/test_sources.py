@@ -120,3 +120,30 @@ def test_torch_load_replaced_by_the_webui_is_not_used(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(torch, "load", lambda *args, **kwargs: None)
     assert list(load_custom_diffusion(path).kv) == [("middle_block.1.transformer_blocks.0.attn2", "k")]
+
+
+def test_the_file_cache_is_bounded_in_bytes_and_follows_the_file(tmp_path, monkeypatch):
+    from alignit.sources import files
+
+    monkeypatch.setattr(files, "CACHE_BYTES", 3 * 4 * 100)  # three files of 100 floats
+    monkeypatch.setattr(files, "_cache", type(files._cache)())
+    reads = []
+
+    def reader(path):
+        reads.append(path)
+        return {"t": torch.zeros(100)}
+
+    paths = [tmp_path / f"{i}.bin" for i in range(4)]
+    for path in paths:
+        path.write_bytes(b"x")
+    for path in paths[:3] + paths[:1]:
+        files.read_cached(reader, path)
+    assert len(reads) == 3  # the fourth read of the first file came from the cache
+    files.read_cached(reader, paths[3])  # over the budget: the least recently used (the second file) goes
+    files.read_cached(reader, paths[0])
+    files.read_cached(reader, paths[1])
+    assert [p.rsplit("/", 1)[1] for p in reads] == ["0.bin", "1.bin", "2.bin", "3.bin", "1.bin"]
+    paths[0].write_bytes(b"changed")  # another size: read again
+    files.read_cached(reader, paths[0])
+    assert reads[-1].endswith("0.bin") and len(reads) == 6
+    assert files.tensor_bytes({"a": [torch.zeros(2, 3)], "b": (torch.zeros(1, dtype=torch.float16),)}) == 26

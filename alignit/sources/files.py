@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import collections
+import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,11 +59,37 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+CACHE_BYTES = 1 << 30
+"""What the file cache may hold: the tensors of what was read (a LoRA's K/V and text parts, not whole files)."""
+
+_cache: collections.OrderedDict[tuple, tuple[Any, int]] = collections.OrderedDict()
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value``: a tensor, a dataclass, a mapping or a sequence of them, nested."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, field.name)) for field in dataclasses.fields(value))
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item) for item in value)
+    return 0
+
+
 def read_cached(reader: Callable[[str], T], path: str | Path) -> T:
-    """``reader(path)``, kept while the file's modification time stays the same (a few files at a time)."""
-    return _read_cached(reader, str(path), Path(path).stat().st_mtime)
-
-
-@functools.lru_cache(maxsize=16)
-def _read_cached(reader: Callable[[str], Any], path: str, mtime: float) -> Any:
-    return reader(path)
+    """``reader(path)``, kept while the file stays the same (modification time and size), least recently used first
+    out once the cache holds more than ``CACHE_BYTES`` of tensors."""
+    stat = Path(path).stat()
+    key = (reader, str(path), stat.st_mtime_ns, stat.st_size)
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key][0]
+    value = reader(str(path))
+    size = tensor_bytes(value)
+    if size <= CACHE_BYTES:
+        _cache[key] = (value, size)
+        while sum(size for _, size in _cache.values()) > CACHE_BYTES:
+            _cache.popitem(last=False)
+    return value

@@ -61,8 +61,16 @@ def _text_loras(models: list[torch.nn.Module], parts: list[dict[str, Delta]]) ->
         yield
 
 
+# What AlignIT uses of a LoRA file (cross-attention K/V and text-encoder parts, in every naming scheme Forge's key maps
+# read): the file cache keeps only these tensors.
+_USED = re.compile(
+    r"attn2[._](?:processor[._])?to_[kv](?![a-z])"  # cross-attention K/V
+    r"|^(?:lora_te[12]?_|text_encoder|te[12]?[._]|clip_[lg]|cond_stage_model|conditioner)"  # text encoders
+)
+
+
 def _tensors(path: str) -> Mapping[str, torch.Tensor]:
-    return flatten(load_tensors(path))
+    return {key: value for key, value in flatten(load_tensors(path)).items() if _USED.search(key)}
 
 
 def lora_parts(
