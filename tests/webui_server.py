@@ -110,6 +110,7 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
     """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family``;
     yield its URL; stop it and clean up."""
     link = folder / "extensions" / "alignit"
+    created = [path for path in (folder / "models" / "CustomDiffusion", folder / "models" / "Lora") if not path.exists()]
     written = _write_sources(folder, family)
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -117,7 +118,7 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [python, "launch.py", "--api", "--nowebui", "--port", str(port), *arguments]
+    command = [python, "launch.py", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), *arguments]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log, "w") as out:
         server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -132,10 +133,15 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"the WebUI did not start; see {log}:\n{log.read_text()[-3000:]}")
                 time.sleep(3)
-        call(url, "/sdapi/v1/options", {"live_previews_enable": False, "emphasis": "Original"})
+        settings = {"live_previews_enable": False, "emphasis": "Original"}
+        saved = {key: value for key, value in call(url, "/sdapi/v1/options").items() if key in settings}
+        call(url, "/sdapi/v1/options", settings)
         call(url, "/sdapi/v1/refresh-embeddings", {})
         call(url, "/sdapi/v1/refresh-loras", {})
-        yield url
+        try:
+            yield url
+        finally:
+            call(url, "/sdapi/v1/options", saved)  # the WebUI saves options to its config.json
     finally:
         server.terminate()
         try:
@@ -145,6 +151,9 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
         link.unlink()
         for path in written:
             path.unlink()
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
