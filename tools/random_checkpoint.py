@@ -24,8 +24,8 @@ How a checkpoint is made (``--seed`` seeds torch's generator once, before the fi
   (seed 7, CFG 7) then differ by 29/255 per pixel value on average, are finite and neither black nor white, and one
   prompt twice gives the same bytes.
 - Every LayerNorm of the text encoders gets weight ~ N(1, 0.1) and bias ~ N(0, 0.1), as a trained model's are far
-  from (1, 0): A1111's "Original" emphasis rescales by the mean of the encoder's output, which is 0 over a plain
-  LayerNorm, and divides 0 by 0.
+  from (1, 0): A1111's "Original" emphasis divides by the mean of the encoder's output, which is 0 up to rounding
+  after a LayerNorm at (1, 0).
 - Keys are prefixed as the released checkpoints have them: ``model.diffusion_model.``, ``first_stage_model.``,
   ``cond_stage_model.transformer.`` (SD1.5) or ``conditioner.embedders.0.transformer.`` and
   ``conditioner.embedders.1.model.`` (SDXL). No schedule buffers (ldm's ``alphas_cumprod`` and the like, sgm's
