@@ -17,3 +17,7 @@ class Unsupported(RuntimeError):
 
 class NotLoaded(Unsupported):
     """No checkpoint is loaded yet."""
+
+
+class InputError(ValueError):
+    """Bad input to a command: an option, a model that cannot be loaded, an output folder."""
