@@ -261,3 +261,29 @@ def lora_state(unet_factors: dict, text_parts: list[dict], scheme: str) -> dict[
                 base = kohya[index] + "text_model_" + name.replace(".", "_")
                 state |= {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": alpha}
     return state
+
+
+def set_custom_diffusion(unet: torch.nn.Module, weights: dict) -> None:
+    """diffusers' Custom Diffusion processors (k/v trained, as its example script's default ``crossattn_kv``) on every
+    cross-attention layer, with ``weights[(ldm layer, "k"|"v")]``."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    from alignit.sources.names import attn2_projection
+
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            layer = attn2_projection(f"{name}.to_k")[0]
+            size, width = module.to_k.out_features, module.to_k.in_features
+            processor = CustomDiffusionAttnProcessor2_0(
+                train_kv=True, train_q_out=False, hidden_size=size, cross_attention_dim=width
+            )
+            processor.to_k_custom_diffusion.weight.data = weights[(layer, "k")].clone()
+            processor.to_v_custom_diffusion.weight.data = weights[(layer, "v")].clone()
+            module.set_processor(processor)
+
+
+def load_sdxl_embedding(pipe, token: str, vectors: dict) -> None:
+    """An SDXL embedding loaded as diffusers' documentation does: ``clip_l`` and ``clip_g`` into each encoder."""
+    pairs = {"clip_l": (pipe.text_encoder, pipe.tokenizer), "clip_g": (pipe.text_encoder_2, pipe.tokenizer_2)}
+    for key, (encoder, tokenizer) in pairs.items():
+        pipe.load_textual_inversion(vectors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)

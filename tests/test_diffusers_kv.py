@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers_parts import (
     TEXT_WIDTH,
     load_pipeline,
+    load_sdxl_embedding,
     lora_state,
     record_cross_attention,
     record_custom_diffusion,
     saved_pipeline,
+    set_custom_diffusion,
     text_lora_factors,
 )
 from safetensors.torch import save_file
@@ -27,7 +29,6 @@ from weight_files import cd_state, random_cd_weights, random_factors
 from alignit.concepts import Concept
 from alignit.hosts.diffusers import AlignIT
 from alignit.kv_hooks import attn2_modules
-from alignit.sources.names import attn2_projection
 
 CALL = {"num_inference_steps": 1, "guidance_scale": 5.0, "negative_prompt": "blurry", "output_type": "latent"}
 WORDS = "a photo of {} playing"
@@ -86,10 +87,7 @@ def test_embedding_rows_are_the_customized_pipelines(models, kind, tmp_path):
     if kind == "sd15":
         pipe.load_textual_inversion(tmp_path / "learned_embeds.bin")
     else:
-        pipe.load_textual_inversion(vectors["clip_l"], token="<sks>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-        pipe.load_textual_inversion(
-            vectors["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
-        )
+        load_sdxl_embedding(pipe, "<sks>", vectors)
     custom = run(pipe, lambda **call: pipe(dummy("<sks>"), **call))
     check(on, base, custom, same_rows(range(4, 5)))
 
@@ -143,15 +141,7 @@ def test_custom_diffusion_rows_are_the_customized_pipelines(models, kind, scheme
     on = run(pipe, lambda **call: aligned(WORDS.format(trigger), **call))
     base = run(pipe, lambda **call: pipe(WORDS.format("stuffed toy"), **call))
 
-    for name, module in pipe.unet.named_modules():
-        if name.endswith("attn2"):
-            layer = attn2_projection(f"{name}.to_k")[0]
-            processor = CustomDiffusionAttnProcessor2_0(
-                train_kv=True, hidden_size=module.to_k.out_features, cross_attention_dim=module.to_k.in_features
-            )
-            processor.to_k_custom_diffusion.weight.data = weights[(layer, "k")].clone()
-            processor.to_v_custom_diffusion.weight.data = weights[(layer, "v")].clone()
-            module.set_processor(processor)
+    set_custom_diffusion(pipe.unet, weights)
     if kind == "sd15":
         pipe.load_textual_inversion(modifier[0], token="<new1>")
     calls = record_custom_diffusion(pipe.unet)

@@ -122,7 +122,8 @@ class DiffusersEncoder:
             return output.hidden_states[-2 if self.clip_skip is None else -(self.clip_skip + 2)]
         if self.clip_skip is None:
             return output[0]
-        return model.text_model.final_layer_norm(output.hidden_states[-(self.clip_skip + 1)])
+        final_norm = getattr(model, "text_model", model).final_layer_norm  # transformers 5 has no text_model level
+        return final_norm(output.hidden_states[-(self.clip_skip + 1)])
 
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
         """77 rows of p' (no emphasis: ``multipliers`` are all 1), embedding vectors written at ``fixes``."""

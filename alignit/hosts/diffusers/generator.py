@@ -59,7 +59,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     from diffusers import AutoPipelineForText2Image
 
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(str(path) if path.is_dir() else model, torch_dtype=DTYPES[dtype])
+        pipe = AutoPipelineForText2Image.from_pretrained(str(path) if path.is_dir() else model, dtype=DTYPES[dtype])
     except Exception as error:  # a folder that is no model, no such hub id, offline: each loader raises its own type
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise InputError(f"cannot load the model '{model}': {type(error).__name__}: {reason}") from error
