@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as error:
-        print(f"alignit: {error}", file=sys.stderr)
+        lines = str(error).strip().splitlines()  # a library's message may run on (torch's unpickler explains itself)
+        print(f"alignit: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("alignit: interrupted", file=sys.stderr)
