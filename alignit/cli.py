@@ -18,6 +18,7 @@ from typing import Any
 from .concepts import Concept
 from .errors import ConceptError, InputError, LayoutMismatch, Unsupported
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 EXAMPLE_CONCEPT = "<cat-toy>=toy:sd-concepts-library/cat-toy"
 EXAMPLE_PROMPT = "a <cat-toy> playing badminton in a garden"
 USER_ERRORS = (InputError, ConceptError, Unsupported, LayoutMismatch)
@@ -55,8 +56,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .hosts.diffusers.generator import DEFAULT_MODEL, DTYPES
-
     parser = argparse.ArgumentParser(prog="alignit", description="AlignIT: customized concepts that keep the rest of the prompt")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate = commands.add_parser(
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     generate.add_argument("--size", type=parse_size, help="512 or WIDTHxHEIGHT (default: the model's)")
     generate.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the GPU if there is one)")
-    generate.add_argument("--dtype", choices=sorted(DTYPES), help="default: float16 on a GPU, float32 on the CPU")
+    generate.add_argument("--dtype", help="float32, float16 or bfloat16 (default: float16 on a GPU, float32 on the CPU)")
     generate.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the PNGs (default ./outputs)")
     generate.add_argument(
         "--compare",
@@ -115,10 +114,13 @@ def _output_folder(path: Path) -> Path:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
+    try:
+        import torch
 
-    from .hosts.diffusers import AlignIT, load_pipeline
-    from .hosts.diffusers.images import compare_grid, infotext, save_png
+        from .hosts.diffusers import AlignIT, load_pipeline
+        from .hosts.diffusers.images import compare_grid, infotext, save_png
+    except ImportError as error:
+        raise InputError(f"alignit generate needs diffusers: pip install 'alignit[diffusers]' ({error})") from error
     from .hosts.webui.args import to_infotext
 
     example = not args.concept

@@ -14,7 +14,6 @@ from ...concepts import Concept
 from ...errors import InputError
 from .flow import AlignIT, check_pipeline
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
