@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .concepts import Concept
+from .concepts import Concept, parse_source
 from .errors import ConceptError, InputError, LayoutMismatch, Unsupported
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="TRIGGER=CLASS[:SOURCE[:STRENGTH]]",
-        help="repeatable; SOURCE: an embedding, LoRA or Custom Diffusion file, folder or hub id (lora:/cd: force the kind; "
-        "lora:PATH:WEIGHT:STRENGTH), STRENGTH in [0, 2]",
+        help="repeatable; SOURCE (default: the trigger): an embedding, LoRA or Custom Diffusion file, folder or hub id "
+        "(lora:/cd: force the kind; lora:PATH:WEIGHT:STRENGTH), STRENGTH in [0, 2]",
     )
     generate.add_argument(
         "--prompt", help=f"the prompt, with each concept's trigger (default with no concept: {EXAMPLE_PROMPT!r})"
@@ -119,6 +119,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         from .hosts.diffusers import AlignIT, load_pipeline
         from .hosts.diffusers.images import compare_grid, infotext, save_png
+        from .hosts.diffusers.sources import locate
     except ImportError as error:
         raise InputError(f"alignit generate needs diffusers: pip install 'alignit[diffusers]' ({error})") from error
     from .hosts.webui.args import to_infotext
@@ -133,9 +134,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InputError("--steps must be positive")
     out = _output_folder(args.out)
 
+    for concept in concepts:  # a missing source fails before a model is loaded (or downloaded)
+        locate(parse_source(concept).name)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     aligned = AlignIT(pipe, concepts)
-    rewrite = aligned.rewrite(prompt)
+    rewrite = aligned.rewrite([prompt])[0]
     width, height = args.size or (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     seed = random.randrange(2**32) if args.seed is None else args.seed
     call = {

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,14 +41,14 @@ from alignit.hosts.diffusers import AlignIT, flow  # noqa: E402
 PROMPT = "a photo of {trigger} playing badminton in a garden, detailed, sharp focus"
 
 
-def sd15_pipeline() -> StableDiffusionPipeline:
+def sd15_pipeline() -> Any:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()  # SD1.5's config
-    pipe = StableDiffusionPipeline(
+    unet: Any = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    pipe: Any = StableDiffusionPipeline(
         vae=vae(),
         text_encoder=clip_vit_l_text_model(),
         tokenizer=tokenizer(),
-        unet=unet,
+        unet=unet.eval(),
         scheduler=scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -57,7 +58,7 @@ def sd15_pipeline() -> StableDiffusionPipeline:
     return pipe
 
 
-def concept(kind: str, pipe: StableDiffusionPipeline, folder: Path) -> tuple[Concept, str]:
+def concept(kind: str, pipe: Any, folder: Path) -> tuple[Concept, str]:
     """The concept of one kind, its file written into ``folder``, and the class-word prompt's trigger."""
     if kind == "ti":
         torch.save({"<sks>": torch.randn(4, 768) * 0.02}, folder / "sks.bin")
@@ -73,7 +74,7 @@ def concept(kind: str, pipe: StableDiffusionPipeline, folder: Path) -> tuple[Con
 class Timeline:
     """Timestamps of one generation: its start, the first UNet call, the end of each step."""
 
-    def __init__(self, pipe: StableDiffusionPipeline):
+    def __init__(self, pipe: Any):
         self.start = 0.0
         self.first_unet: float | None = None
         self.steps: list[float] = []

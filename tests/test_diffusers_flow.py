@@ -130,7 +130,8 @@ def test_step_range_switches_the_cond_rows(models, embedding):
 
 
 def test_batches_of_prompts_and_images(models, embedding):
-    """Two prompts, two images each: each cond row is the one its prompt gets alone; one negative prompt for all."""
+    """Two prompts, two images each: each cond row is the one its prompt gets alone; one negative prompt for all;
+    a prompt of the batch may lack the trigger."""
     pipe = load_pipeline(models["sd15"])
     aligned = AlignIT(pipe, [Concept("<sks>", "toy", str(embedding["sd15"]))])
     prompts = ["a photo of <sks> playing", "<sks> in a garden"]
@@ -143,6 +144,9 @@ def test_batches_of_prompts_and_images(models, embedding):
     assert batch.shape[0] == 8
     assert all(torch.equal(batch[4 + i], alone[i // 2]) for i in range(4))
     assert all(torch.equal(batch[i], calls[0]["context"][0]) for i in range(4))
+    aligned([prompts[0], "a dog in a garden"], **CALL)  # a prompt without the trigger is the pipeline's own
+    assert torch.equal(calls[3]["context"][2], alone[0])
+    assert torch.equal(calls[3]["context"][3], encoded(pipe, "a dog in a garden")[0])
 
 
 def test_img2img(models, embedding):

@@ -89,13 +89,13 @@ class AlignIT:
         if text not in self.messages:
             self.messages.append(text)
 
-    def rewrite(self, prompt: str) -> Rewrite:
-        """The prompt with its triggers replaced; ConceptError when it holds none of some concept's."""
-        rewrite = rewrite_prompt(prompt, self.concepts)
-        missing = [concept.trigger for concept, found in zip(self.concepts, rewrite.found) if not found]
-        if missing:
-            raise ConceptError(f"the trigger '{missing[0]}' is not in the prompt '{prompt[:80]}'")
-        return rewrite
+    def rewrite(self, prompts: Sequence[str]) -> list[Rewrite]:
+        """The prompts with their triggers replaced; ConceptError when a concept's trigger is in none of them."""
+        rewrites = [rewrite_prompt(prompt, self.concepts) for prompt in prompts]
+        for index, concept in enumerate(self.concepts):
+            if not any(rewrite.found[index] for rewrite in rewrites):
+                raise ConceptError(f"the trigger '{concept.trigger}' is not in the prompt '{prompts[0][:80]}'")
+        return rewrites
 
     def _spliced(self, splicer: Splicer, rewrite: Rewrite, rows: torch.Tensor) -> torch.Tensor:
         """p's 77 rows with the concept rows spliced in; diffusers encodes only the first chunk of a longer prompt."""
@@ -103,7 +103,7 @@ class AlignIT:
         if len(chunks) > 1:
             self.say(f"'{rewrite.original[:60]}…' is longer than 77 tokens: the pipeline truncates it, AlignIT too")
             kept = {span.concept for span in chunks[0].spans}
-            cut = [concept.trigger for i, concept in enumerate(self.concepts) if i not in kept]
+            cut = [concept.trigger for i, concept in enumerate(self.concepts) if rewrite.found[i] and i not in kept]
             if cut:
                 raise ConceptError(f"the trigger '{cut[0]}' lies beyond the 77 tokens the pipeline encodes")
             rows = torch.cat([rows, rows[-1:].expand((len(chunks) - 1) * CHUNK_ROWS, -1)])
@@ -115,7 +115,7 @@ class AlignIT:
             if kwargs.get(name) is not None:
                 raise Unsupported(f"AlignIT computes the prompt's embeddings itself: '{name}' cannot be given")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        rewrites = [self.rewrite(text) for text in prompts]
+        rewrites = self.rewrite(prompts)
         encoder = DiffusersEncoder(self.pipe, kwargs.get("clip_skip"))
         splicer = Splicer(encoder, self.sources, self.options)
         _ = splicer.placeholder_id

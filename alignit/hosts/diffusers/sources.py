@@ -120,8 +120,6 @@ def _kind(tree: Mapping[str, Any]) -> SourceKind:
 
 def read_source(spec: SourceSpec) -> SourceFiles:
     """Locate and read a source; ``spec.kind`` is kept for ``lora:``/``cd:`` sources, read from the file otherwise."""
-    if not spec.name:
-        raise ConceptError("a concept needs a source: an embedding, a LoRA or a Custom Diffusion file, folder or hub id")
     paths = locate(spec.name)
     tree = load_tensors(paths[0])
     kind = _kind(tree) if spec.kind is SourceKind.EMBEDDING else spec.kind
