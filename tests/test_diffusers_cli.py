@@ -159,3 +159,20 @@ def test_python_dash_m(tmp_path):
         [sys.executable, "-m", "alignit", "generate", "--size", "33"], cwd=ROOT, capture_output=True, text=True
     )
     assert usage.returncode == 2 and "multiples of 8" in usage.stderr
+
+
+def test_image_generator(model, embedding):
+    """The evaluation's entry: one concept, the model loaded once, an image per (prompt, seed, aligned)."""
+    from types import SimpleNamespace
+
+    from alignit.hosts.diffusers import image_generator
+
+    size = {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
+    settings = SimpleNamespace(model=str(model), steps=2, guidance=7.5, device="cpu", dtype="float32", negative_prompt="", **size)
+    concept = SimpleNamespace(trigger="<cat-toy>", class_word="toy", source=str(embedding), strength=1.0)
+    generator = image_generator(concept, settings)
+    prompt = "a <cat-toy> in a garden"
+    aligned, again, plain = (generator.generate(prompt, 3, flag) for flag in (True, True, False))
+    assert aligned.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert np.array_equal(np.asarray(aligned), np.asarray(again))
+    assert not np.array_equal(np.asarray(aligned), np.asarray(plain))
