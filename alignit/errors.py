@@ -20,4 +20,4 @@ class NotLoaded(Unsupported):
 
 
 class InputError(ValueError):
-    """Bad input to ``alignit evaluate`` (a concepts file, an option, an output folder of another run)."""
+    """Bad input to a command: an option, a concepts file, a model that cannot be loaded, an output folder."""

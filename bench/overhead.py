@@ -39,8 +39,8 @@ from sync_counter import SyncCounter  # noqa: E402
 from webui_flow import FakeModel, FakeSDXLModel, Processing, generate  # noqa: E402
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors  # noqa: E402
 
+from alignit import kv_hooks as kv  # noqa: E402
 from alignit.hosts.webui import flow  # noqa: E402
-from alignit.hosts.webui import ldm as kv  # noqa: E402
 
 PROMPT = "a photo of {trigger} playing badminton in a garden, detailed, sharp focus"
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from webui_flow import FakeSDXLModel, Processing, generate, script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
-from alignit.hosts.webui.ldm import attn2_modules
+from alignit.kv_hooks import attn2_modules
 
 BOS, EOS, STAR = 49406, 49407, 265
 L, G = 768, 1280

@@ -15,7 +15,7 @@ from webui_flow import FakeModel, Processing, generate, script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
 from alignit.hosts.webui import a1111, flow
-from alignit.hosts.webui.ldm import attn2_modules
+from alignit.kv_hooks import attn2_modules
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]

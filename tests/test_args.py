@@ -3,6 +3,7 @@ import pytest
 from alignit.concepts import Concept, Options, SourceKind, SourceSpec, parse_source
 from alignit.errors import ConceptError
 from alignit.hosts.webui import args
+from alignit.infotext import to_infotext
 
 
 def test_positional_ui_order():
@@ -44,7 +45,7 @@ def test_bad_arguments_are_refused_in_one_line(arguments, message):
 
 def test_infotext_is_readable_per_concept_and_round_trips():
     options = Options(0.2, 0.8, "~", (Concept("<sks>", "cat", "my, cat", 0.7), Concept("lisa", "woman")), "full")
-    params = args.to_infotext(options, options.concepts)
+    params = to_infotext(options, options.concepts)
     assert params == {
         "AlignIT 1": "<sks> → cat, source: my, cat, strength: 0.7",
         "AlignIT 2": "lisa → woman",
@@ -54,7 +55,7 @@ def test_infotext_is_readable_per_concept_and_round_trips():
     }
     assert args.parse_args(args.from_infotext(params)) == (True, options)
     assert args.from_infotext({})[0] is False
-    assert args.to_infotext(Options(concepts=options.concepts), options.concepts[1:]) == {"AlignIT 1": "lisa → woman"}
+    assert to_infotext(Options(concepts=options.concepts), options.concepts[1:]) == {"AlignIT 1": "lisa → woman"}
 
 
 def test_infotext_of_version_0_1_still_pastes():

@@ -163,7 +163,9 @@ def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def run_module(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alignit.evaluate", *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "alignit", "evaluate", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def test_two_processes_give_the_one_process_results(setup, tmp_path, one_process
     launch = [
         str(Path(sys.executable).parent / "accelerate"),
         *("launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"),
-        *("--dynamo_backend", "no", "--main_process_port", str(port), "-m", "alignit.evaluate"),
+        *("--dynamo_backend", "no", "--main_process_port", str(port), "-m", "alignit", "evaluate"),
     ]
     done = subprocess.run(
         [*launch, *arguments(setup, out)], env=environment(tmp_path), capture_output=True, text=True, timeout=600

@@ -21,8 +21,8 @@ from weight_files import cd_state, lora_state, random_cd_weights, random_factors
 
 from alignit.hosts.webui import flow
 from alignit.hosts.webui.forge_attention import block_key, cond_batch_rows
-from alignit.hosts.webui.ldm import KVInjector, attn2_modules
 from alignit.kv import ConceptRows, KVRewriter, LowRank, MarkedChunk
+from alignit.kv_hooks import KVInjector, attn2_modules
 
 LORA = ["ohwx", "man", "lora:ohwx_lora:0.8", 1.0]
 CD = ["<new1> cat", "cat", "cd:mycat", 1.0]

@@ -12,8 +12,8 @@ from sync_counter import SyncCounter
 from weight_files import random_cd_weights, random_factors
 
 from alignit.errors import ConceptError
-from alignit.hosts.webui.ldm import KVInjector, attn2_modules
 from alignit.kv import ConceptRows, KVRewriter, LowRank, MarkedChunk, Replacement, check_fits
+from alignit.kv_hooks import KVInjector, attn2_modules
 from alignit.text_lora import text_lora
 
 POSITIONS = (2, 3)  # the concept's rows in its chunk

@@ -21,7 +21,7 @@ import torch
 from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract (tests/contract)
 
 from alignit.hosts.webui import a1111, flow
-from alignit.hosts.webui.ldm import attn2_modules
+from alignit.kv_hooks import attn2_modules
 from alignit.sources.lora import load_lora
 
 _jobs = itertools.count(1)

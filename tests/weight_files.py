@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignit.hosts.webui.ldm import attn2_modules
+from alignit.kv_hooks import attn2_modules
 
 
 def split_layer(layer: str) -> tuple[str, str]:

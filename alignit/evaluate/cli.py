@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..cli import parse_size
 from ..errors import InputError
 from .generator import DEFAULT_GENERATOR, GenerationSettings, load_factory
 from .inputs import load_concepts
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model: a path or hub id for the generator")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (CustomConcept101 used 6)")
-    parser.add_argument("--size", default="512", help="WIDTHxHEIGHT or one number for both")
+    parser.add_argument("--size", default="512", type=parse_size, help="WIDTHxHEIGHT or one number for both")
     parser.add_argument("--device", help="default: this process's device under accelerate (cuda:N, mps or cpu)")
     dtypes = ("auto", "float16", "bfloat16", "float32")
     parser.add_argument("--dtype", default="auto", choices=dtypes, help="auto: float16 on cuda, else float32")
@@ -62,17 +63,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, _, height = text.lower().partition("x")
-        size = int(width), int(height or width)
-    except ValueError as error:
-        raise InputError(f"--size {text!r}: WIDTHxHEIGHT or one number") from error
-    if min(size) < 8 or any(side % 8 for side in size):
-        raise InputError(f"--size {text!r}: each side a multiple of 8")
-    return size
-
-
 def _settings(args: argparse.Namespace) -> GenerationSettings:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -84,7 +74,7 @@ def _settings(args: argparse.Namespace) -> GenerationSettings:
     state = PartialState(cpu=args.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = args.device or str(state.device)
     dtype = args.dtype if args.dtype != "auto" else ("float16" if device.startswith("cuda") else "float32")
-    width, height = parse_size(args.size)
+    width, height = args.size
     return GenerationSettings(args.model, args.steps, args.guidance, width, height, device, dtype, args.negative_prompt)
 
 

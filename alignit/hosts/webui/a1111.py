@@ -15,9 +15,9 @@ from modules import shared
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...errors import NotLoaded, Unsupported
+from ...kv_hooks import KVInjector
 from . import a1111_sources
 from .a1111_encoder import A1111Encoder
-from .ldm import KVInjector
 
 _live_injectors: list[KVInjector] = []
 

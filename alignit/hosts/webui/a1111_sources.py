@@ -13,11 +13,11 @@ from modules import sd_hijack
 
 from ...concepts import Concept, SourceSpec
 from ...engine import ConceptSource
+from ...kv_hooks import attn2_modules
 from ...sources.files import read_cached
 from ...sources.lora import LoraFactors, load_lora
 from ...text_lora import text_lora
 from . import sources as webui_sources
-from .ldm import attn2_modules
 
 
 def source_choices() -> list[str]:

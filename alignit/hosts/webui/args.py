@@ -23,6 +23,7 @@ from typing import Any
 
 from ...concepts import Concept, Options
 from ...errors import ConceptError
+from ...infotext import ARROW, KEY_PLACEHOLDER, KEY_SCOPE, KEY_STEPS
 
 log = logging.getLogger("alignit")
 
@@ -38,10 +39,6 @@ ARG_COUNT = len(SCALARS) + len(ROW_FIELDS) * ROWS
 PASTE_KEY = "AlignIT paste {}"
 """Where a paste leaves each UI field's value in the WebUI's parsed infotext (read by the fields' ``PasteField``)."""
 KEY_LEGACY = "AlignIT"
-KEY_STEPS = "AlignIT steps"
-KEY_PLACEHOLDER = "AlignIT placeholder"
-KEY_SCOPE = "AlignIT LoRA scope"
-ARROW = " → "
 _CONCEPT_KEY = re.compile(r"^AlignIT (\d+)$")
 _CONCEPT_TEXT = re.compile(
     rf"^(?P<trigger>.+?){ARROW}(?P<class_word>.+?)(?:, source: (?P<source>.+?))?(?:, strength: (?P<strength>[-+\d.eE]+))?$"
@@ -127,28 +124,6 @@ def with_overrides(enabled: bool, options: Options, overrides: Mapping[str, Any]
     if "class_word" in overrides and concepts:
         concepts = (replace(concepts[0], class_word=str(overrides["class_word"])), *concepts[1:])
     return enabled, replace(options, concepts=concepts, **changes)
-
-
-def describe(concept: Concept) -> str:
-    """A concept as its infotext field reads: ``<sks> → cat, source: my-cat, strength: 0.8``."""
-    text = f"{concept.trigger}{ARROW}{concept.class_word}"
-    if concept.source:
-        text += f", source: {concept.source}"
-    if concept.strength != 1.0:
-        text += f", strength: {concept.strength:g}"
-    return text
-
-
-def to_infotext(options: Options, applied: Sequence[Concept]) -> dict[str, str]:
-    """Infotext entries for a generation in which the ``applied`` concepts were used."""
-    params = {f"AlignIT {i}": describe(concept) for i, concept in enumerate(applied, 1)}
-    if (options.step_start, options.step_end) != (0.0, 1.0):
-        params[KEY_STEPS] = f"{options.step_start:g}-{options.step_end:g}"
-    if options.placeholder != "*":
-        params[KEY_PLACEHOLDER] = options.placeholder
-    if options.lora_scope != "kv":
-        params[KEY_SCOPE] = options.lora_scope
-    return params
 
 
 def _read_concept(key: str, text: Any) -> list[Any]:

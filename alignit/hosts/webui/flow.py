@@ -28,6 +28,7 @@ from modules import extra_networks, prompt_parser, sd_samplers, shared
 from ...concepts import Concept, Options, SourceKind, parse_source
 from ...engine import ConceptSource, Splicer, TextEncoder
 from ...errors import ConceptError, LayoutMismatch, NotLoaded, Unsupported
+from ...infotext import to_infotext
 from ...kv import Key
 from ...prompt import rewrite_prompt, set_lora_tag
 from ...schedule import active_steps
@@ -287,7 +288,7 @@ def _report_concepts(p: Any, generation: Generation, named: set[int]) -> None:
     for key in [key for key in p.extra_generation_params if key.startswith("AlignIT ") and key[8:].isdigit()]:
         del p.extra_generation_params[key]
     applied = [concept for i, concept in enumerate(concepts) if i in generation.applied]
-    p.extra_generation_params.update(alignit_args.to_infotext(generation.options, applied) if applied else {})
+    p.extra_generation_params.update(to_infotext(generation.options, applied) if applied else {})
 
 
 def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:

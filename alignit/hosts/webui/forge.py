@@ -17,11 +17,11 @@ from modules import shared
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...kv import KVRewriter
+from ...kv_hooks import attn2_modules, module_projection
 from . import forge_sources
 from . import sources as webui_sources
 from .forge_attention import AttentionPatch
 from .forge_encoder import ForgeEncoder
-from .ldm import attn2_modules, module_projection
 
 
 class ForgeHost:

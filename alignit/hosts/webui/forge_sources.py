@@ -19,12 +19,12 @@ from ...concepts import Concept, SourceSpec
 from ...engine import ConceptSource
 from ...errors import ConceptError, Unsupported
 from ...kv import Delta, Dense, Key, LowRank
+from ...kv_hooks import attn2_modules
 from ...sources.files import flatten, load_tensors, read_cached
 from ...sources.names import text_module
 from ...text_lora import text_lora
 from . import sources as webui_sources
 from .forge_encoder import ForgeEncoder, text_engines
-from .ldm import attn2_modules
 
 _UNET_KV = re.compile(r"^diffusion_model\.(?P<layer>.+\.attn2)\.to_(?P<proj>[kv])\.weight$")
 

@@ -1,5 +1,9 @@
-"""The ldm UNet A1111 runs: its cross-attention projections by name, and forward hooks on them that run a
-``KVRewriter`` for one sampling pass."""
+"""Forward hooks on a UNet's cross-attention ``to_k``/``to_v`` that run a ``KVRewriter`` for one sampling pass.
+
+Used by the hosts whose UNet is a plain torch module: the ldm UNet A1111 runs and diffusers'
+``UNet2DConditionModel``. Layers are named the ldm way in both (``input_blocks.1.1.transformer_blocks.0.attn2``),
+whatever the module tree, so LoRA and Custom Diffusion keys of any scheme (``alignit.sources.names``) find them.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,23 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ...kv import Delta, Key, KVRewriter, MarkedChunk, Project, Projection, is_linear
+from .kv import Delta, Key, KVRewriter, MarkedChunk, Project, Projection, is_linear
+from .sources.names import attn2_projection
 
 log = logging.getLogger("alignit")
 
 
 def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
-    """Every cross-attention to_k/to_v of an ldm-layout UNet, by ``(layer, proj)``."""
+    """Every cross-attention to_k/to_v of an SD-layout UNet (ldm or diffusers names), by ldm ``(layer, proj)``."""
     found = {}
     for name, module in unet.named_modules():
         if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
-            found[(name[: -len(".to_k")], name[-1])] = module
+            found[attn2_projection(name) or (name[: -len(".to_k")], name[-1])] = module
     return found
 
 
 def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
-    """What each projection computes for some rows now (with whatever the WebUI merged into it), without hooks."""
+    """What each projection computes for some rows now (with whatever the host merged into it), without hooks."""
 
     def project(key: Key, rows: torch.Tensor) -> torch.Tensor:
         module = modules[key]
@@ -33,10 +38,10 @@ def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
 
 
 class KVInjector:
-    """Forward hooks on an ldm UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
+    """Forward hooks on a UNet's ``attn2.to_k``/``to_v`` running a KVRewriter; a context, or call ``remove``.
 
     ``is_current`` lets the host retire hooks that outlived their generation (after an error): they then do
-    nothing and remove themselves.
+    nothing and remove themselves. ``reached`` holds the layers whose projection ran while the hooks were on.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class KVInjector:
         self.rewriter = KVRewriter(chunks, weights, global_lora, module_projection(modules))
         self.is_current = is_current
         self.error: str | None = None
+        self.reached: set[Key] = set()
         self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
 
     def _hook(self, key: Key):
@@ -58,6 +64,7 @@ class KVInjector:
             if not self.is_current():
                 self.remove()
                 return None
+            self.reached.add(key)
             try:
                 return self.rewriter.rewrite(key, inputs[0], output)
             except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
