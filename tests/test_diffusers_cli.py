@@ -59,7 +59,7 @@ def test_generate_with_compare(model, embedding, tmp_path, capsys):
     lines = aligned.text["parameters"].split("\n")
     assert lines[:2] == [prompt, "Negative prompt: blurry, dark"]
     assert lines[2].startswith("Steps: 2, Sampler: DDIMScheduler, CFG scale: 7.5, Seed: 7, Size: 32x32, Model: ")
-    assert lines[2].endswith(f'AlignIT: "[[\\"<cat-toy>\\", \\"toy\\", \\"{embedding}\\"]]"')
+    assert lines[2].endswith(f'AlignIT 1: "<cat-toy> → toy, source: {embedding}"')
     assert "AlignIT" not in plain.text["parameters"]
     assert aligned.size == plain.size == (IMAGE_SIZE, IMAGE_SIZE)
     assert grid.size[0] == 2 * IMAGE_SIZE and grid.size[1] > IMAGE_SIZE

@@ -125,7 +125,6 @@ def test_a_concept_whose_generator_cannot_be_built_fails_its_jobs_only(setup, tm
     [
         (lambda a: a[:1] + ["missing.yaml"] + a[2:], "cannot read missing.yaml"),
         (lambda a: [*a, "--seeds", "two"], "--seeds 'two'"),
-        (lambda a: [*a, "--size", "60"], "multiple of 8"),
         (lambda a: [*a, "--generator", "evaluate_fakes"], "MODULE:FACTORY"),
         (lambda a: [*a, "--generator", "no_such_module:factory"], "cannot import no_such_module"),
         (lambda a: [*a, "--generator", "evaluate_fakes:nothing"], "no callable nothing"),
@@ -137,6 +136,12 @@ def test_bad_input_exits_2_with_one_line(setup, tmp_path, capsys, change, messag
     assert cli.main(change(arguments(setup, tmp_path / "out"))) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1 and error.startswith("alignit evaluate: ")
+
+
+def test_a_size_that_is_not_a_multiple_of_8_is_refused_by_the_parser(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*arguments(setup, tmp_path / "out"), "--size", "60"])
+    assert exit.value.code == 2 and "'60': width and height must be positive multiples of 8" in capsys.readouterr().err
 
 
 def test_an_output_folder_of_other_settings_is_refused(setup, tmp_path, capsys):
