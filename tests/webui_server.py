@@ -1,5 +1,7 @@
-"""A real WebUI (A1111 or Forge) started here for the integration tests, with AlignIT linked into its
-``extensions/`` and test sources written into its folders (all removed afterwards), driven through its API."""
+"""A real WebUI (A1111 or Forge) started here for the integration tests and ``tools/record_layouts.py``, with AlignIT
+and the test probe (``tests/webui_probe``: the WebUI's own layouts, prompt schedules and cross-attention keys/values)
+linked into its ``extensions/`` and test sources written into its folders (all removed afterwards), driven through
+its API."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import torch
 from weight_files import diffusers_name
 
 ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "tests" / "webui_probe"
 EMBEDDING = "alignit_test_sks"
 LORA = "alignit_test_lora"
 LORA_DIFFUSERS = "alignit_test_lora_diffusers"
@@ -60,12 +63,27 @@ def call(url: str, path: str, payload: dict | None = None, timeout: float = 600)
         return json.loads(response.read())
 
 
-def _write_sources(folder: Path, family: str) -> list[Path]:
-    """A test embedding, LoRA (kohya LDM names, and kohya diffusers names with text-encoder parts) and Custom
-    Diffusion delta (with a modifier token on SD1.5) for a model family, in the WebUI's folders."""
+def write_embedding(folder: Path, family: str, name: str, vectors: int, seed: int) -> Path:
+    """A random textual-inversion embedding of ``vectors`` vectors for a model family, in the WebUI's ``embeddings``."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    path = folder / "embeddings" / f"{name}.safetensors"
+    save_file(
+        {key: torch.randn(vectors, width, generator=generator) * 0.3 for key, width in FAMILIES[family]["embedding"].items()},
+        str(path),
+    )
+    return path
+
+
+def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int]) -> list[Path]:
+    """A test embedding (and ``embeddings``: name → vectors), LoRA (kohya LDM names, and kohya diffusers names with
+    text-encoder parts) and Custom Diffusion delta (with a modifier token on SD1.5) for a model family, in the
+    WebUI's folders."""
     from safetensors.torch import save_file
 
     shapes = FAMILIES[family]
+    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in enumerate(embeddings.items(), 10)]
     generator = torch.Generator().manual_seed(3)
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
     save_file(
@@ -102,18 +120,26 @@ def _write_sources(folder: Path, family: str) -> list[Path]:
     if family == "sd15":  # a modifier token: Custom Diffusion's own SD1 training; refused on SDXL
         cd_tensors["embed"] = torch.randn(1, 768, generator=generator) * 0.3
     torch.save({"state_dict": cd_tensors}, delta)
-    return [embedding, lora, lora_diffusers, delta]
+    return [*written, embedding, lora, lora_diffusers, delta]
 
 
 @contextlib.contextmanager
-def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path, family: str = "sd15") -> Iterator[str]:
-    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family``;
-    yield its URL; stop it and clean up."""
-    link = folder / "extensions" / "alignit"
-    written = _write_sources(folder, family)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(ROOT, target_is_directory=True)
+def running_webui(
+    folder: Path,
+    python: str,
+    arguments: Sequence[str],
+    log: Path,
+    family: str = "sd15",
+    embeddings: Mapping[str, int] | None = None,
+) -> Iterator[str]:
+    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family`` (and
+    extra test ``embeddings``: name → vectors); yield its URL; stop it and clean up."""
+    links = {folder / "extensions" / "alignit": ROOT, folder / "extensions" / "alignit_probe": PROBE}
+    written = _write_sources(folder, family, embeddings or {})
+    for link, target in links.items():
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -142,7 +168,8 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-        link.unlink()
+        for link in links:
+            link.unlink()
         for path in written:
             path.unlink()
 
