@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 FILES = sorted(GOLDEN.glob("layouts_*.json"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 

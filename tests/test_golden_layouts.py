@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 from golden_layouts import FILES, Layout, RecordedVocabulary, layouts, load
 
 from alignit.engine import check_same_layout
@@ -114,3 +115,36 @@ def test_class_word_spans_hold_the_class_words(layout):
         word = layout.case["concepts"][concept][1]
         (alone,) = layout_prompt(word, tokenizer)
         assert tokens == alone.tokens[1 : 1 + alone.tags[1:-1].count(None)], f"the spans of '{word}'"
+
+
+def _contract_clip(layout: Layout, monkeypatch):
+    """The contract's text encoder of the recorded WebUI (tests/contract), over the recorded vocabulary."""
+    from backend.text_processing import emphasis
+    from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+    from modules import sd_hijack, sd_hijack_clip, shared
+
+    data = load(next(p for p in FILES if p.stem == layout.file))
+    vocabulary = RecordedVocabulary(data)
+    if data["webui"] == "forge":
+        clip = ClassicTextProcessingEngine(None, vocabulary)
+        clip.emphasis = emphasis.get_current_option(layout.emphasis)()
+        database = clip.embeddings
+    else:
+        database = sd_hijack.EmbeddingDatabase()
+        clip = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(None, vocabulary, SimpleNamespace(embedding_db=database))
+        monkeypatch.setattr(shared.opts, "emphasis", layout.emphasis)
+        monkeypatch.setattr(shared.opts, "comma_padding_backtrack", layout.backtrack)
+    for name, vectors in data["embeddings"].items():
+        database.register_embedding(sd_hijack.Embedding(torch.zeros(vectors, 1), name), vocabulary.tokenize([name])[0])
+    return clip
+
+
+@pytest.mark.parametrize("layout", ALL, ids=[layout.id for layout in ALL])
+def test_the_contract_lays_out_as_the_webui(layout, monkeypatch):
+    """The contract's ``tokenize_line`` (the CI stand-in for the WebUI's) is held to the real one."""
+    chunks, _ = _contract_clip(layout, monkeypatch).tokenize_line(layout.plain)
+    mine = [
+        {"tokens": c.tokens, "multipliers": c.multipliers, "fixes": [(f.offset, f.embedding.name) for f in c.fixes]}
+        for c in chunks
+    ]
+    assert mine == layout.chunks["clip_l"]
