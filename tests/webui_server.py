@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,39 @@ def txt2img(url: str, prompt: str, alignit: list | None = None, mode: str = "txt
 
 def on(*rows, **settings) -> list:
     return [dict({"enabled": True, "concepts": [list(row) for row in rows]}, **settings)]
+
+
+def webui_layout(url: str, text: str) -> list[dict]:
+    """The chunks the WebUI's own ``tokenize_line`` makes of ``text`` (the first text encoder's), through the probe."""
+    return call(url, "/alignit-probe/layouts", {"texts": [text]})["layouts"][0]["clip_l"]["chunks"]
+
+
+@dataclass
+class Attention:
+    """The keys and values every cross-attention layer's attention received during one generation (the probe's
+    record): per UNet call, the batch order (0 cond, 1 uncond), the dtype, and per ``layer.k``/``layer.v`` a tensor
+    batch x rows x width."""
+
+    calls: list[dict]
+    tensors: dict[str, torch.Tensor]
+
+    def keys(self, call: int) -> list[str]:
+        return sorted(self.calls[call]["kv"])
+
+    def rows(self, call: int, key: str, kind: int) -> torch.Tensor:
+        """The rows of the one batch item of ``kind`` (0: cond, 1: uncond) in that call."""
+        order = self.calls[call]["order"]
+        assert order.count(kind) == 1, f"UNet call {call}: batch order {order}"
+        return self.tensors[f"{key}#{self.calls[call]['kv'][key]}"][order.index(kind)]
+
+
+def recorded_attention(url: str, path: Path, prompt: str, alignit: list | None = None, **extra) -> tuple[dict, Attention]:
+    """One txt2img (its info) with the probe recording what each cross-attention layer's attention received."""
+    from safetensors.torch import load_file
+
+    call(url, "/alignit-probe/kv/arm", {"path": str(path)})
+    try:
+        _, info = txt2img(url, prompt, alignit, **extra)
+    finally:
+        calls = call(url, "/alignit-probe/kv/collect", {})["calls"]
+    return info, Attention(calls, load_file(str(path)))

@@ -169,12 +169,13 @@ class KVRecorder:
         if not self.calls:
             return
         versions = self.distinct.setdefault(key, [])
-        value = tensor.detach().float().cpu().contiguous()
+        value = tensor.detach().float().cpu().clone()
         index = next((i for i, old in enumerate(versions) if torch.equal(old, value)), None)
         if index is None:
             versions.append(value)
             index = len(versions) - 1
         self.calls[-1]["kv"][key] = index
+        self.calls[-1]["dtype"] = str(tensor.dtype).replace("torch.", "")
 
     # -- A1111: hooks on the projections, kept behind any other hook
     def _hook_projections(self) -> None:
