@@ -66,7 +66,8 @@ class RecordedVocabulary:
         self.recorded: dict[str, list[int]] = data["tokenizer"][encoder]
         self.bos_token_id = self.id_start = self.bpe.bos_token_id
         self.eos_token_id = self.id_end = self.bpe.eos_token_id
-        self.comma_token = self.bpe.get_vocab()[",</w>"]
+        self._vocab = self.bpe.get_vocab()
+        self.comma_token = self._vocab[",</w>"]
         self.embeddings: dict[str, int] = data["embeddings"]
         self._lookup: dict[int, list[tuple[list[int], str]]] = {}
         for name in self.embeddings:
@@ -76,7 +77,7 @@ class RecordedVocabulary:
             entries.sort(key=lambda entry: -len(entry[0]))
 
     def get_vocab(self) -> dict[str, int]:
-        return self.bpe.get_vocab()
+        return self._vocab
 
     def __call__(self, texts: Sequence[str], **_: Any) -> dict[str, list[list[int]]]:
         return {"input_ids": self.tokenize(texts)}

@@ -8,6 +8,7 @@ AlignIT's marked rewrite of it; AlignIT lays out the marked text, the WebUI laid
 
 from __future__ import annotations
 
+from functools import cache
 from types import SimpleNamespace
 
 import pytest
@@ -33,11 +34,13 @@ class GoldenTokenizer(RecordedVocabulary):
         return EmbeddingMatch(self.embeddings[name], length, name)
 
 
+@cache
 def _tokenizer(file: str) -> GoldenTokenizer:
-    return _tokenizers.setdefault(file, GoldenTokenizer(load(next(p for p in FILES if p.stem == file))))
+    return GoldenTokenizer(_data(file))
 
 
-_tokenizers: dict[str, GoldenTokenizer] = {}
+def _data(file: str) -> dict:
+    return load(next(p for p in FILES if p.stem == file))
 
 
 def _ours(layout: Layout) -> list[Chunk]:
@@ -123,8 +126,8 @@ def _contract_clip(layout: Layout, monkeypatch):
     from backend.text_processing.classic_engine import ClassicTextProcessingEngine
     from modules import sd_hijack, sd_hijack_clip, shared
 
-    data = load(next(p for p in FILES if p.stem == layout.file))
-    vocabulary = RecordedVocabulary(data)
+    data = _data(layout.file)
+    vocabulary = _tokenizer(layout.file)
     if data["webui"] == "forge":
         clip = ClassicTextProcessingEngine(None, vocabulary)
         clip.emphasis = emphasis.get_current_option(layout.emphasis)()
