@@ -116,9 +116,11 @@ def test_xyz_axes_exist_without_the_ui(webui):
 
 
 P = "a photo of man playing badminton"
-# Relative tolerance of the concept rows, by the dtype the attention received: the WebUI merges the LoRA into the
-# weight (W + ΔW, rounded once more) where AlignIT adds ΔW·c' to W·c'; in fp32 that moves a key by ~1e-7 of its scale.
-CONCEPT_RTOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+# Tolerance of the concept rows, relative to the layer's largest key/value, by the coarsest of the dtype the attention
+# received and the dtype the projection's weight is stored in: the WebUI merges the LoRA into the stored weight
+# (W + ΔW, rounded to that dtype) where AlignIT adds ΔW·c' to W·c'. A few units of roundoff of the layer's scale
+# (fp32 2^-24, fp16 2^-11, bf16 2^-8); seen on the real WebUIs: ~6e-7 with fp32 weights, ~2e-4 with fp16 ones.
+CONCEPT_RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 @pytest.mark.parametrize("strength", [0.0, 1.0])
@@ -147,13 +149,13 @@ def test_lora_concept_keys_and_values_row_by_row(webui, tmp_path, strength):
     assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
     assert len(aligned.calls) == len(plain.calls) == len(concept.calls) > 0
     others = [i for i in range(len(p_chunk["tokens"])) if i != row]
-    worst = 0.0
+    worst, weakest = 0.0, float("inf")
     for call_index, unet_call in enumerate(aligned.calls):
         assert unet_call["order"] == plain.calls[call_index]["order"] == concept.calls[call_index]["order"]
         keys = aligned.keys(call_index)
         assert keys == plain.keys(call_index) == concept.keys(call_index) and keys
-        rtol = CONCEPT_RTOL[unet_call["dtype"]]
         for key in keys:
+            rtol = max(CONCEPT_RTOL[unet_call["dtype"]], CONCEPT_RTOL[aligned.weights[key]])
             where = f"UNet call {call_index}, {key}"
             if 1 in unet_call["order"]:
                 assert torch.equal(aligned.rows(call_index, key, 1), plain.rows(call_index, key, 1)), f"{where}: uncond"
@@ -167,6 +169,7 @@ def test_lora_concept_keys_and_values_row_by_row(webui, tmp_path, strength):
             error = (a[row] - c[row]).abs().max().item() / c.abs().max().item()
             assert error <= rtol, f"{where}: the concept row is {error:.2e} (relative) from the WebUI's own p'"
             lora_effect = (c[row] - b[row]).abs().max().item() / c.abs().max().item()
-            assert lora_effect > 100 * rtol, f"{where}: the LoRA barely changes the row ({lora_effect:.2e})"
-            worst = max(worst, error)
-    print(f"strength {strength}: {len(aligned.calls)} UNet calls, worst concept-row error {worst:.2e} (relative)")
+            assert lora_effect > 10 * rtol, f"{where}: the LoRA barely changes the row ({lora_effect:.2e})"
+            worst, weakest = max(worst, error), min(weakest, lora_effect)
+    effect = f", smallest LoRA effect {weakest:.2e}" if strength else ""
+    print(f"strength {strength}: {len(aligned.calls)} UNet calls, concept-row error {worst:.2e}{effect}")

@@ -218,10 +218,11 @@ def webui_layout(url: str, text: str) -> list[dict]:
 class Attention:
     """The keys and values every cross-attention layer's attention received during one generation (the probe's
     record): per UNet call, the batch order (0 cond, 1 uncond), the dtype, and per ``layer.k``/``layer.v`` a tensor
-    batch x rows x width."""
+    batch x rows x width; ``weights``: the dtype each projection's weight is stored in."""
 
     calls: list[dict]
     tensors: dict[str, torch.Tensor]
+    weights: dict[str, str]
 
     def keys(self, call: int) -> list[str]:
         return sorted(self.calls[call]["kv"])
@@ -241,5 +242,5 @@ def recorded_attention(url: str, path: Path, prompt: str, alignit: list | None =
     try:
         _, info = txt2img(url, prompt, alignit, **extra)
     finally:
-        calls = call(url, "/alignit-probe/kv/collect", {})["calls"]
-    return info, Attention(calls, load_file(str(path)))
+        record = call(url, "/alignit-probe/kv/collect", {})
+    return info, Attention(record["calls"], load_file(str(path)), record["weights"])

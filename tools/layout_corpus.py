@@ -257,6 +257,7 @@ def _unicode_cases() -> list[Case]:
         ("unicode-ligature-fullwidth", "ﬁsh and ｆｕｌｌ width", ()),
         ("unicode-nbsp-tabs", "a\u00a0cat\tand\na dog", ()),
         ("unicode-html-entity", "salt &amp; pepper", ()),
+        ("unicode-html-entity-twice", "salt &amp;amp; pepper &amp;lt;3", ()),  # OpenCLIP's tokenizer unescapes twice
         ("unicode-combining", "cafe\u0301 and nai\u0308ve", ()),
         ("unicode-emphasis", "(東京:1.2) [🐱] crimson", ()),
         ("unicode-long", "🐱 " * 80, ()),

@@ -11,8 +11,9 @@ It answers with the WebUI's own results and knows nothing of AlignIT:
   schedule ``[[end_at_step, text]]`` of the WebUI's own ``prompt_parser``: the texts its ``tokenize_line`` is given.
 - ``POST /alignit-probe/kv/arm`` ``{"path": FILE}`` then a generation, then ``POST /alignit-probe/kv/collect``: the
   keys and values every cross-attention layer's attention received during that generation, per UNet call, saved to
-  FILE (safetensors); the answer lists, per UNet call, which batch items were cond (0) and uncond (1) and, per
-  ``layer.k``/``layer.v``, which distinct tensor of the file it was (equal tensors are stored once).
+  FILE (safetensors); the answer lists, per UNet call, which batch items were cond (0) and uncond (1), the dtype
+  the attention received and, per ``layer.k``/``layer.v``, which distinct tensor of the file it was (equal tensors
+  are stored once), and the dtype each projection's weight is stored in.
   A1111: forward hooks on every ``attn2.to_k``/``to_v``, moved behind any other hook at every sampling step (the
   WebUI's attention takes the projections' outputs as they leave the last hook); cond/uncond by comparing each batch
   item's context with the negative conditioning the sampler had. Forge: the ``k``/``v`` handed to the attention
@@ -144,6 +145,11 @@ class KVRecorder:
         unet = _loaded_model()
         self.unet = unet.forge_objects.unet.model.diffusion_model if FORGE else unet.model.diffusion_model
         self.attn2 = {name[: -len(".attn2")]: module for name, module in self.unet.named_modules() if name.endswith(".attn2")}
+        self.weights = {
+            f"{layer}.{proj}": str(getattr(module, f"to_{proj}").weight.dtype).replace("torch.", "")
+            for layer, module in self.attn2.items()
+            for proj in "kv"
+        }
         self.handles.append(self.unet.register_forward_pre_hook(self._unet_call, with_kwargs=True))
         if FORGE:
             for layer, module in self.attn2.items():
@@ -223,7 +229,7 @@ class KVRecorder:
 
         tensors = {f"{key}#{i}": value for key, versions in self.distinct.items() for i, value in enumerate(versions)}
         save_file(tensors, self.path, metadata={"calls": json.dumps(self.calls)})
-        return {"path": self.path, "calls": self.calls}
+        return {"path": self.path, "calls": self.calls, "weights": self.weights}
 
 
 _recorder: KVRecorder | None = None
