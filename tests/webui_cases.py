@@ -6,12 +6,15 @@ What they show on the real WebUI: the layout AlignIT computes matches the WebUI'
 prompts match its real prompt parser for every tricky prompt (AlignIT would otherwise warn and step aside); an
 AlignIT run changes the image while a plain run before and after it gives the same bytes (no cache poisoning, no
 hook or patch left); weight-side concepts reach every cross-attention layer (no "never reached" warning); bad
-concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``."""
+concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``; and, through the test probe, the keys and
+values the WebUI's attention receives with AlignIT on are, row for row, the ones the WebUI itself computes for the
+class-word prompt p and, at the concept's rows, for p' with the LoRA applied by the WebUI."""
 
 import base64
 
 import pytest
-from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, txt2img
+import torch
+from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, recorded_attention, txt2img, webui_layout
 
 
 def test_the_embedding_and_the_script_are_loaded(webui):
@@ -110,3 +113,63 @@ def test_xyz_axes_exist_without_the_ui(webui):
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = next(arg["choices"] for arg in xyz["args"] if arg["label"] == "X type")
     assert {"[AlignIT] Enabled", "[AlignIT] Strength (all concepts)", "[AlignIT] Class word"} <= set(labels)
+
+
+P = "a photo of man playing badminton"
+# Tolerance of the concept rows, relative to the layer's largest key/value, by the coarsest of the dtype the attention
+# received and the dtype the projection's weight is stored in: the WebUI merges the LoRA into the stored weight
+# (W + ΔW, rounded to that dtype) where AlignIT adds ΔW·c' to W·c'. A few units of roundoff of the layer's scale
+# (fp32 2^-24, fp16 2^-11, bf16 2^-8); seen on the real WebUIs: ~6e-7 with fp32 weights, ~2e-4 with fp16 ones.
+CONCEPT_RTOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_lora_concept_keys_and_values_row_by_row(webui, tmp_path, strength):
+    """(a) AlignIT on for "a photo of ohwx playing badminton" (LoRA concept, "kv" scope); (b) AlignIT off for p, the
+    class-word prompt; (c) AlignIT off for p' written as a prompt ('*' for every other token of p, the trigger where
+    the class word is, p's padding) with ``<lora:NAME:1>``, so that the WebUI applies the LoRA itself.
+
+    Every UNet call, every cross-attention layer, keys and values: the uncond item of (a) is (b)'s, bit for bit; so
+    is every cond row but the class word's; that row is (c)'s at strength 1 (within CONCEPT_RTOL of the layer's
+    largest value) and (b)'s, bit for bit, at strength 0."""
+    (p_chunk,) = webui_layout(webui, P)
+    (word,) = webui_layout(webui, "man")
+    row = p_chunk["tokens"].index(word["tokens"][1])
+    length = p_chunk["tokens"].index(p_chunk["tokens"][-1])  # the first EOS
+    p_prime = " ".join("ohwx" if i == row else "*" for i in range(1, length))
+    (prime_chunk,) = webui_layout(webui, p_prime)
+    (trigger,) = webui_layout(webui, "ohwx")
+    assert prime_chunk["tokens"][row] == trigger["tokens"][1] and prime_chunk["tokens"].index(p_chunk["tokens"][-1]) == length
+
+    info, aligned = recorded_attention(
+        webui, tmp_path / "a.safetensors", "a photo of ohwx playing badminton", on(("ohwx", "man", f"lora:{LORA}", strength))
+    )
+    _, plain = recorded_attention(webui, tmp_path / "b.safetensors", P)
+    _, concept = recorded_attention(webui, tmp_path / "c.safetensors", f"{p_prime} <lora:{LORA}:1>")
+    assert "AlignIT warning" not in info["infotexts"][0], info["infotexts"][0]
+    assert len(aligned.calls) == len(plain.calls) == len(concept.calls) > 0
+    others = [i for i in range(len(p_chunk["tokens"])) if i != row]
+    worst, weakest = 0.0, float("inf")
+    for call_index, unet_call in enumerate(aligned.calls):
+        assert unet_call["order"] == plain.calls[call_index]["order"] == concept.calls[call_index]["order"]
+        keys = aligned.keys(call_index)
+        assert keys == plain.keys(call_index) == concept.keys(call_index) and keys
+        for key in keys:
+            rtol = max(CONCEPT_RTOL[unet_call["dtype"]], CONCEPT_RTOL[aligned.weights[key]])
+            where = f"UNet call {call_index}, {key}"
+            if 1 in unet_call["order"]:
+                assert torch.equal(aligned.rows(call_index, key, 1), plain.rows(call_index, key, 1)), f"{where}: uncond"
+            if 0 not in unet_call["order"]:
+                continue
+            a, b, c = (record.rows(call_index, key, 0) for record in (aligned, plain, concept))
+            assert torch.equal(a[others], b[others]), f"{where}: rows other than the class word's"
+            if strength == 0.0:
+                assert torch.equal(a[row], b[row]), f"{where}: the class word's row at strength 0"
+                continue
+            error = (a[row] - c[row]).abs().max().item() / c.abs().max().item()
+            assert error <= rtol, f"{where}: the concept row is {error:.2e} (relative) from the WebUI's own p'"
+            lora_effect = (c[row] - b[row]).abs().max().item() / c.abs().max().item()
+            assert lora_effect > 10 * rtol, f"{where}: the LoRA barely changes the row ({lora_effect:.2e})"
+            worst, weakest = max(worst, error), min(weakest, lora_effect)
+    effect = f", smallest LoRA effect {weakest:.2e}" if strength else ""
+    print(f"strength {strength}: {len(aligned.calls)} UNet calls, concept-row error {worst:.2e}{effect}")

@@ -1,5 +1,7 @@
-"""A real WebUI (A1111 or Forge) started here for the integration tests, with AlignIT linked into its
-``extensions/`` and test sources written into its folders (all removed afterwards), driven through its API."""
+"""A real WebUI (A1111 or Forge) started here for the integration tests and ``tools/record_layouts.py``, with AlignIT
+and the test probe (``tests/webui_probe``: the WebUI's own layouts, prompt schedules and cross-attention keys/values)
+linked into its ``extensions/`` and test sources written into its folders (all removed afterwards), driven through
+its API."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ import torch
 from weight_files import diffusers_name
 
 ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "tests" / "webui_probe"
 EMBEDDING = "alignit_test_sks"
 LORA = "alignit_test_lora"
 LORA_DIFFUSERS = "alignit_test_lora_diffusers"
@@ -60,12 +64,27 @@ def call(url: str, path: str, payload: dict | None = None, timeout: float = 600)
         return json.loads(response.read())
 
 
-def _write_sources(folder: Path, family: str) -> list[Path]:
-    """A test embedding, LoRA (kohya LDM names, and kohya diffusers names with text-encoder parts) and Custom
-    Diffusion delta (with a modifier token on SD1.5) for a model family, in the WebUI's folders."""
+def write_embedding(folder: Path, family: str, name: str, vectors: int, seed: int) -> Path:
+    """A random textual-inversion embedding of ``vectors`` vectors for a model family, in the WebUI's ``embeddings``."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    path = folder / "embeddings" / f"{name}.safetensors"
+    save_file(
+        {key: torch.randn(vectors, width, generator=generator) * 0.3 for key, width in FAMILIES[family]["embedding"].items()},
+        str(path),
+    )
+    return path
+
+
+def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int]) -> list[Path]:
+    """A test embedding (and ``embeddings``: name → vectors), LoRA (kohya LDM names, and kohya diffusers names with
+    text-encoder parts) and Custom Diffusion delta (with a modifier token on SD1.5) for a model family, in the
+    WebUI's folders."""
     from safetensors.torch import save_file
 
     shapes = FAMILIES[family]
+    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in enumerate(embeddings.items(), 10)]
     generator = torch.Generator().manual_seed(3)
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
     save_file(
@@ -102,19 +121,27 @@ def _write_sources(folder: Path, family: str) -> list[Path]:
     if family == "sd15":  # a modifier token: Custom Diffusion's own SD1 training; refused on SDXL
         cd_tensors["embed"] = torch.randn(1, 768, generator=generator) * 0.3
     torch.save({"state_dict": cd_tensors}, delta)
-    return [embedding, lora, lora_diffusers, delta]
+    return [*written, embedding, lora, lora_diffusers, delta]
 
 
 @contextlib.contextmanager
-def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path, family: str = "sd15") -> Iterator[str]:
-    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family``;
-    yield its URL; stop it and clean up."""
-    link = folder / "extensions" / "alignit"
+def running_webui(
+    folder: Path,
+    python: str,
+    arguments: Sequence[str],
+    log: Path,
+    family: str = "sd15",
+    embeddings: Mapping[str, int] | None = None,
+) -> Iterator[str]:
+    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family`` (and
+    extra test ``embeddings``: name → vectors); yield its URL; stop it and clean up."""
     created = [path for path in (folder / "models" / "CustomDiffusion", folder / "models" / "Lora") if not path.exists()]
-    written = _write_sources(folder, family)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(ROOT, target_is_directory=True)
+    links = {folder / "extensions" / "alignit": ROOT, folder / "extensions" / "alignit_probe": PROBE}
+    written = _write_sources(folder, family, embeddings or {})
+    for link, target in links.items():
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -148,12 +175,13 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-        link.unlink()
+        for link in links:
+            link.unlink()
         for path in written:
             path.unlink()
-        for folder in created:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        for made in created:
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
 
 
 def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
@@ -188,3 +216,40 @@ def txt2img(url: str, prompt: str, alignit: list | None = None, mode: str = "txt
 
 def on(*rows, **settings) -> list:
     return [dict({"enabled": True, "concepts": [list(row) for row in rows]}, **settings)]
+
+
+def webui_layout(url: str, text: str) -> list[dict]:
+    """The chunks the WebUI's own ``tokenize_line`` makes of ``text`` (the first text encoder's), through the probe."""
+    return call(url, "/alignit-probe/layouts", {"texts": [text]})["layouts"][0]["clip_l"]["chunks"]
+
+
+@dataclass
+class Attention:
+    """The keys and values every cross-attention layer's attention received during one generation (the probe's
+    record): per UNet call, the batch order (0 cond, 1 uncond), the dtype, and per ``layer.k``/``layer.v`` a tensor
+    batch x rows x width; ``weights``: the dtype each projection's weight is stored in."""
+
+    calls: list[dict]
+    tensors: dict[str, torch.Tensor]
+    weights: dict[str, str]
+
+    def keys(self, call: int) -> list[str]:
+        return sorted(self.calls[call]["kv"])
+
+    def rows(self, call: int, key: str, kind: int) -> torch.Tensor:
+        """The rows of the one batch item of ``kind`` (0: cond, 1: uncond) in that call."""
+        order = self.calls[call]["order"]
+        assert order.count(kind) == 1, f"UNet call {call}: batch order {order}"
+        return self.tensors[f"{key}#{self.calls[call]['kv'][key]}"][order.index(kind)]
+
+
+def recorded_attention(url: str, path: Path, prompt: str, alignit: list | None = None, **extra) -> tuple[dict, Attention]:
+    """One txt2img (its info) with the probe recording what each cross-attention layer's attention received."""
+    from safetensors.torch import load_file
+
+    call(url, "/alignit-probe/kv/arm", {"path": str(path)})
+    try:
+        _, info = txt2img(url, prompt, alignit, **extra)
+    finally:
+        record = call(url, "/alignit-probe/kv/collect", {})
+    return info, Attention(record["calls"], load_file(str(path)), record["weights"])

@@ -1,7 +1,7 @@
 """modules/prompt_parser.py: schedules (l.27), ``SdConditioning`` (l.141), ``get_learned_conditioning`` (l.159),
 ``get_multicond_prompt_list`` (l.211), ``ComposableScheduledPromptConditioning`` / ``MulticondLearnedConditioning``
 (l.241-252), ``get_multicond_learned_conditioning`` (l.255), ``reconstruct_cond_batch`` (l.280),
-``reconstruct_multicond_batch`` (l.321).
+``reconstruct_multicond_batch`` (l.321), ``parse_prompt_attention`` (l.353-459).
 
 Prompt editing is covered for ``[a:b:when]``, ``[a:when]`` and ``[:b:when]`` without nesting or alternation; the
 real lark grammar is exercised by tests/test_a1111_integration.py."""
@@ -16,6 +16,51 @@ ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at
 _EDIT = re.compile(r"\[([^\[\]:]*?)(?::([^\[\]:]*?))?:\s*([0-9.]+)\s*\]")
 _AND = re.compile(r"\bAND\b")
 _WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+# l.353-366: escapes (a lone backslash too), brackets, a weight closing a round group, runs of text, a lone colon
+_ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)  # l.368
+
+
+def parse_prompt_attention(text):
+    """l.370-459: ``[[text, weight], ...]``; ``(x)`` ×1.1, ``[x]`` ÷1.1, ``(x:w)`` ×w, unclosed groups applied at the
+    end, ``BREAK`` as ``["BREAK", -1]``, runs of equal weight merged."""
+    res, round_open, square_open = [], [], []
+
+    def multiply(start, factor):
+        for item in res[start:]:
+            item[1] *= factor
+
+    for match in _ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0])
+        elif token == "(":
+            round_open.append(len(res))
+        elif token == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            multiply(round_open.pop(), float(weight))
+        elif token == ")" and round_open:
+            multiply(round_open.pop(), 1.1)
+        elif token == "]" and square_open:
+            multiply(square_open.pop(), 1 / 1.1)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i:
+                    res.append(["BREAK", -1])
+                res.append([part, 1.0])
+    for start in round_open:
+        multiply(start, 1.1)
+    for start in square_open:
+        multiply(start, 1 / 1.1)
+    res = res or [["", 1.0]]
+    merged = [res[0]]
+    for item in res[1:]:
+        if item[1] == merged[-1][1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return merged
 
 
 class SdConditioning(list):

@@ -3,8 +3,9 @@
 ``skipped_embeddings``, ``find_embedding_at_position``, and ``fixes``, which ``CLIPEmbeddingForTextualInversion``
 (l.23-51) takes and clears, reading ``vec[embedding_key]`` from SDXL embeddings), ``embedding_key``,
 ``text_encoder.transformer`` (the transformers CLIP model), ``emphasis`` (set from ``opts.emphasis`` by ``__call__``,
-l.237), ``clip_skip``, ``tokenize`` (l.118), ``tokenize_line`` (l.150-232, comma backtrack fixed at 20),
-``process_tokens`` (l.297) and ``__call__(texts)`` (l.236-295, chunks hstacked)."""
+l.253), ``clip_skip``, ``tokenize`` (l.119), ``tokenize_line`` (l.150-232: the line parsed by ``parsing`` with the
+engine's emphasis, l.151; comma backtrack fixed at 20, l.191),
+``process_tokens`` (l.297) and ``__call__(texts)`` (l.252-295, chunks hstacked)."""
 
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ from clip_contract import ContractClip, PromptChunkFix
 from modules import shared
 from modules.sd_hijack import EmbeddingDatabase
 
-from . import emphasis
+from . import emphasis, parsing
 
 __all__ = ["ClassicTextProcessingEngine", "PromptChunkFix"]
 
@@ -30,6 +31,9 @@ class ClassicTextProcessingEngine(ContractClip):
 
     def options(self):
         return self.emphasis.name, self.clip_skip, 20
+
+    def parse(self, line):
+        return parsing.parse_prompt_attention(line, self.emphasis.name)
 
     def take_fixes(self):
         fixes, self.embeddings.fixes = self.embeddings.fixes, None
