@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clip_parts import clip_text_model, clip_tokenizer, small_clip_text_model
+from clip_parts import clip_text_model, clip_tokenizer, open_clip_text_model, small_clip_text_model
 from hf_clip import HFClipEncoder
 
 HIDDEN = 32
@@ -42,5 +42,12 @@ def model_l():
 
 @pytest.fixture(scope="session")
 def model_g():
-    """SDXL's OpenCLIP-G at its real width, one layer."""
+    """SDXL's OpenCLIP-G at its real width, one layer, as Forge holds it (a transformers CLIP text model)."""
     return clip_text_model(1280, layers=1, heads=20, seed=7)
+
+
+@pytest.fixture(scope="session")
+def open_clip_g():
+    """SDXL's OpenCLIP-G at its real width as A1111 holds it (an open_clip text tower read at its penultimate layer),
+    two layers."""
+    return open_clip_text_model(1280, layers=2, heads=20, seed=7)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import networks
 import torch
-from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract (tests/contract)
+from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, sd_hijack_open_clip, shared  # the contract
 
 from alignit.hosts.webui import a1111, flow
 from alignit.hosts.webui.ldm import attn2_modules
@@ -42,7 +42,8 @@ class FakeModel:
 
 
 class FakeSDXLModel:
-    """``shared.sd_model`` of an SDXL checkpoint: ``cond_stage_model`` is the conditioner with the two text embedders;
+    """``shared.sd_model`` of an SDXL checkpoint: ``cond_stage_model`` is the conditioner with the two text embedders
+    (CLIP-L over a transformers model, OpenCLIP-G over an open_clip text tower, ``clip_parts.OpenClipText``);
     ``get_learned_conditioning`` (sd_models_xl.py:12) returns ``crossattn`` (CLIP-L ‖ OpenCLIP-G rows) and the
     pooled ``vector`` (here OpenCLIP-G's EOS row of the first chunk and the size embeddings' zeros)."""
 
@@ -51,7 +52,7 @@ class FakeSDXLModel:
         self.cond_stage_model = SimpleNamespace(
             embedders=[
                 sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_l, tokenizer, hijack, "clip_l"),
-                sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_g, tokenizer, hijack, "clip_g"),
+                sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(model_g, tokenizer, hijack),
                 SimpleNamespace(),  # the size and crop embedders
             ]
         )

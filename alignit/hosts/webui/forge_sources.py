@@ -4,10 +4,9 @@ Forge's own key maps (``backend/patcher/lora.py``: ``model_lora_keys_unet``/``mo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from ...errors import ConceptError, Unsupported
 from ...kv import Delta, Dense, Key, LowRank
 from ...sources.files import flatten, load_tensors, read_cached
 from ...sources.names import text_module
-from ...text_lora import text_lora
+from ...text_lora import tower_loras
 from . import sources as webui_sources
 from .forge_encoder import ForgeEncoder, text_engines
 from .ldm import attn2_modules
@@ -50,15 +49,6 @@ def _delta(patch: tuple, strength: float, weight: torch.Tensor | None, key: str)
         raise ConceptError(f"{key}: a '{kind}' LoRA part needs a plain weight to merge with, and this model's is not")
     base = weight.detach().float().cpu()
     return Dense(merge_lora_to_weight([(strength, patch, 1.0, None, None)], base.clone(), key) - base)
-
-
-@contextlib.contextmanager
-def _text_loras(models: list[torch.nn.Module], parts: list[dict[str, Delta]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for model, factors in zip(models, parts):
-            if factors:
-                stack.enter_context(text_lora(model, factors))
-        yield
 
 
 # What AlignIT uses of a LoRA file (cross-attention K/V and text-encoder parts, in every naming scheme Forge's key maps
@@ -124,7 +114,7 @@ class ForgeSources:
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, webui_sources.lora_file(concept))
         kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
-        text_patch = functools.partial(_text_loras, self.encoder.text_models, text) if any(text) else None
+        text_patch = functools.partial(tower_loras, self.encoder.towers, text) if any(text) else None
         return webui_sources.resolve_lora(
             concept, self.encoder, self._modules(), kv, text_patch, self.lora_scope, other_family=bool(unmatched)
         )
