@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from clip_parts import clip_text_model, clip_tokenizer, open_clip_text_model, small_clip_text_model
@@ -51,3 +53,10 @@ def open_clip_g():
     """SDXL's OpenCLIP-G at its real width as A1111 holds it (an open_clip text tower read at its penultimate layer),
     two layers."""
     return open_clip_text_model(1280, layers=2, heads=20, seed=7)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The WebUIs the integration tests started, with commit, model family and checkpoint (tests/webui_server.py)."""
+    server = sys.modules.get("webui_server")
+    for line in getattr(server, "STARTED", []):
+        terminalreporter.write_line(f"real WebUI: {line}")

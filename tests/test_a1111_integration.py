@@ -21,3 +21,8 @@ webui = webui_fixture("ALIGNIT_A1111", CPU)
 @pytest.fixture
 def hires_extra():
     return {}
+
+
+@pytest.fixture
+def webui_name():
+    return "a1111"

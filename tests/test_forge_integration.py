@@ -26,3 +26,8 @@ webui = webui_fixture("ALIGNIT_FORGE", CPU)
 @pytest.fixture
 def hires_extra():
     return {"hr_additional_modules": ["Use same choices"]}  # processing.py:1405 fails on None
+
+
+@pytest.fixture
+def webui_name():
+    return "forge"

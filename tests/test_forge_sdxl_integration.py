@@ -9,7 +9,7 @@ memory on a CPU). The test sources are SDXL's: an embedding with ``clip_l`` and 
 import os
 
 import pytest
-from test_forge_integration import CPU, hires_extra  # noqa: F401 - the fixture
+from test_forge_integration import CPU, hires_extra, webui_name  # noqa: F401 - the fixtures
 from webui_cases import *  # noqa: F403 - the shared end-to-end cases
 from webui_server import webui_fixture
 

@@ -6,12 +6,13 @@ What they show on the real WebUI: the layout AlignIT computes matches the WebUI'
 prompts match its real prompt parser for every tricky prompt (AlignIT would otherwise warn and step aside); an
 AlignIT run changes the image while a plain run before and after it gives the same bytes (no cache poisoning, no
 hook or patch left); weight-side concepts reach every cross-attention layer (no "never reached" warning); bad
-concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``."""
+concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``. The modules that import them give the
+``webui_name`` fixture ("a1111" or "forge") where a WebUI's own abilities differ."""
 
 import base64
 
 import pytest
-from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, txt2img
+from webui_server import CD, EMBEDDING, EMBEDDING_OTHER, LORA, LORA_DIFFUSERS, LORA_OTHER, LYCORIS, call, on, txt2img
 
 
 def test_the_embedding_and_the_script_are_loaded(webui):
@@ -110,3 +111,25 @@ def test_xyz_axes_exist_without_the_ui(webui):
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = next(arg["choices"] for arg in xyz["args"] if arg["label"] == "X type")
     assert {"[AlignIT] Enabled", "[AlignIT] Strength (all concepts)", "[AlignIT] Class word"} <= set(labels)
+
+
+def test_lycoris_concepts(webui, webui_name):
+    """LoHa (with text parts), LoKr, (IA)³, DoRA, LoCon and a full diff on K/V, formed by the WebUI's own LoRA maths
+    (Forge's loader does not read (IA)³: refused there)."""
+    before, _ = txt2img(webui, "a photo of a man playing badminton")
+    for kind, name in LYCORIS.items():
+        image, info = txt2img(webui, "a photo of ohwx playing badminton", on(("ohwx", "man", f"lora:{name}:0.8")))
+        text = info["infotexts"][0]
+        if kind == "ia3" and webui_name == "forge":
+            assert "(IA)³" in text, text
+            continue
+        assert "AlignIT warning" not in text, (kind, text)
+        assert image != before, kind
+    after, _ = txt2img(webui, "a photo of a man playing badminton")
+    assert after == before
+
+
+def test_sources_of_the_other_family_are_refused(webui):
+    for row in (("<sks>", "cat", EMBEDDING_OTHER), ("ohwx", "man", f"lora:{LORA_OTHER}")):
+        image, info = txt2img(webui, f"a photo of {row[0]} on a sofa", on(row))
+        assert image and "made for another model" in info["infotexts"][0], info["infotexts"][0]

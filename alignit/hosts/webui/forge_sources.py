@@ -68,6 +68,8 @@ def lora_parts(
 ) -> tuple[dict[Key, Delta], list[dict[str, Delta]], int]:
     """A LoRA's cross-attention K/V parts and per text engine parts at ``strength``, and how many of its
     modules match nothing in this model."""
+    if any(key.endswith(".on_input") for key in tensors):
+        raise ConceptError("it holds (IA)³ modules, which Forge's LoRA loader does not read (A1111's does)")
     original = sd_model.forge_objects_original
     unet_model, clip_model = original.unet.model, original.clip.cond_stage_model
     unet_patches, rest = load_lora(dict(tensors), model_lora_keys_unet(unet_model, {}))
@@ -113,7 +115,10 @@ class ForgeSources:
 
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, webui_sources.lora_file(concept))
-        kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
+        try:
+            kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
+        except ConceptError as error:
+            raise ConceptError(f"LoRA '{spec.name}': {error}") from error
         text_patch = functools.partial(tower_loras, self.encoder.towers, text) if any(text) else None
         return webui_sources.resolve_lora(
             concept, self.encoder, self._modules(), kv, text_patch, self.lora_scope, other_family=bool(unmatched)
