@@ -10,9 +10,11 @@ concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``. The mo
 ``webui_name`` fixture ("a1111" or "forge") where a WebUI's own abilities differ."""
 
 import base64
+import io
 
 import pytest
-from webui_server import CD, EMBEDDING, EMBEDDING_OTHER, LORA, LORA_DIFFUSERS, LORA_OTHER, LYCORIS, call, on, txt2img
+from PIL import Image
+from webui_server import CD, EMBEDDING, EMBEDDING_OTHER, LORA, LORA_DIFFUSERS, LORA_OTHER, LYCORIS, REFINER, call, on, txt2img
 
 
 def test_the_embedding_and_the_script_are_loaded(webui):
@@ -133,3 +135,24 @@ def test_sources_of_the_other_family_are_refused(webui):
     for row in (("<sks>", "cat", EMBEDDING_OTHER), ("ohwx", "man", f"lora:{LORA_OTHER}")):
         image, info = txt2img(webui, f"a photo of {row[0]} on a sofa", on(row))
         assert image and "made for another model" in info["infotexts"][0], info["infotexts"][0]
+
+
+def test_the_refiner_gets_the_class_word_prompt(webui):
+    """After the refiner switch the WebUI encodes the prompt anew with the refiner's text encoder: the class-word prompt,
+    without the concept. With a refiner of the same weights (the checkpoint under another name) switching at 0.5 of 4
+    steps, AlignIT's image is the one of AlignIT's step range 0-0.5 without a refiner, pixel for pixel."""
+    if REFINER not in [model["model_name"] for model in call(webui, "/sdapi/v1/sd-models")]:
+        pytest.skip("no refiner of the same weights for this model family")
+    concept = on(("<sks>", "cat", EMBEDDING))
+    settings = {"override_settings": {"refiner_switch_by_sample_steps": True}, "steps": 4}
+    refiner = {"refiner_checkpoint": REFINER, "refiner_switch_at": 0.5}
+    refined, info = txt2img(webui, "a <sks> playing badminton", concept, **settings, **refiner)
+    ranged, _ = txt2img(webui, "a <sks> playing badminton", on(("<sks>", "cat", EMBEDDING), step_end=0.5), **settings)
+    whole, _ = txt2img(webui, "a <sks> playing badminton", concept, **settings)
+    assert "AlignIT does not reach the refiner" in info["infotexts"][0] and "Refiner: " in info["infotexts"][0]
+    assert pixels(refined) == pixels(ranged) != pixels(whole)
+
+
+def pixels(png: bytes) -> bytes:
+    """An image's pixels, without its metadata (the infotext)."""
+    return Image.open(io.BytesIO(png)).tobytes()

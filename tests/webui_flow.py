@@ -91,12 +91,15 @@ class Processing:
         self.extra_network_data: dict = {}
         self.hr_extra_network_data: dict = {}
         self.fail_at_step: int | None = None
+        self.refiner: Any = None  # a model the sampler switches to at ``refiner_switch_at``
+        self.refiner_switch_at = 1.0
+        self.refiner_checkpoint_info = None
 
     def comment(self, text):
         self.comments[text] = 1
 
     def _cached(self, function, prompts, steps, caches, hires_steps=None):
-        key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis)
+        key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis, id(shared.sd_model))  # 448: checkpoint info
         for cache in caches:
             if cache[0] == key:
                 return cache[1]
@@ -123,6 +126,12 @@ class Processing:
         for step in range(steps):
             if step == self.fail_at_step:
                 raise RuntimeError("sampling failed")
+            if self.refiner is not None and shared.sd_model is not self.refiner and step / steps >= self.refiner_switch_at:
+                # sd_samplers_common.py 158-202 apply_refiner (switch by sampling steps): the refiner's weights are
+                # loaded, the conds set up anew; the denoiser then takes p's new c (cfg_denoiser.py 160-162)
+                shared.sd_model = self.refiner
+                self.setup_conds()
+                c = self.c
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
             outputs.append(cond)
             unet = shared.sd_model.unet

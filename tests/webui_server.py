@@ -26,6 +26,7 @@ CD = "alignit_test_cd"
 LYCORIS = {kind: f"alignit_test_{kind}" for kind in ("loha", "lokr", "ia3", "dora", "locon", "full")}
 EMBEDDING_OTHER = "alignit_test_other_family"
 LORA_OTHER = "alignit_test_lora_other_family"
+REFINER = "alignit_test_refiner"
 STARTED: list[str] = []
 """One line per WebUI the tests started: which WebUI at which commit, the model family and how its checkpoint was made
 (the test summary prints them)."""
@@ -175,6 +176,16 @@ def _write_more_sources(folder: Path, family: str) -> list[Path]:
     return [*written, embedding, loras / f"{LORA_OTHER}.safetensors"]
 
 
+def _refiner_alias(folder: Path, arguments: Sequence[str], family: str) -> list[Path]:
+    """The SD1.5 checkpoint once more under the name ``REFINER`` (a link in ``models/Stable-diffusion``), for a refiner
+    of the same weights. Not for SDXL: switching to a second SDXL model needs memory this machine does not have."""
+    if family != "sd15" or "--ckpt" not in arguments:
+        return []
+    alias = folder / "models" / "Stable-diffusion" / f"{REFINER}.safetensors"
+    alias.symlink_to(Path(arguments[list(arguments).index("--ckpt") + 1]).resolve())
+    return [alias]
+
+
 def provenance(folder: Path, arguments: Sequence[str], family: str) -> str:
     """Which WebUI (and commit) the tests run, the model family and how its checkpoint was made: a checkpoint of
     ``tools/random_checkpoint.py`` says so in its metadata (random weights whose images depend on the prompt)."""
@@ -201,7 +212,7 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
     yield its URL; stop it and clean up."""
     link = folder / "extensions" / "alignit"
     created = [path for path in (folder / "models" / "CustomDiffusion", folder / "models" / "Lora") if not path.exists()]
-    written = _write_sources(folder, family) + _write_more_sources(folder, family)
+    written = _write_sources(folder, family) + _write_more_sources(folder, family) + _refiner_alias(folder, arguments, family)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(ROOT, target_is_directory=True)
