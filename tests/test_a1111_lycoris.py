@@ -155,6 +155,23 @@ def test_each_type_on_the_concept_keys_and_values(lyco, seen, kind):  # noqa: F8
         assert torch.equal(out[others], F.linear(context, weight)[others])
 
 
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_the_full_scope_takes_the_webuis_own_delta_back_out(lyco, seen, kind):  # noqa: F811 - the fixture
+    """In the "full" scope A1111 merges the LyCORIS ``ΔW`` into every to_k/to_v: AlignIT takes it back out of every row
+    and gives the concept rows theirs."""
+    modules = attn2_modules(lyco.unet)
+    base = {key: module.weight.detach().clone() for key, module in modules.items()}
+    p = generate(
+        Processing(["a photo of ohwx playing"], steps=1), script_args(["ohwx", "man", f"lora:{kind}:0.8", 1.0], scope="full")
+    )
+    assert [params.items for params in p.extra_network_data["lora"]] == [[kind, "0", "0.8"]]
+    rows = ohwx_rows()
+    for key, context, out in seen:
+        want = F.linear(context, base[key])
+        want[rows] += WEIGHT * F.linear(context[rows], lyco.deltas[kind][key])
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
 def test_loha_text_parts_shape_p_prime_as_merged_weights(lyco):
     p = generate(Processing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:loha:0.8", 1.0]))
     assert "AlignIT warning" not in p.extra_generation_params

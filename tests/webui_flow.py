@@ -16,6 +16,7 @@ import itertools
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import network
 import networks
 import torch
 from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, sd_hijack_open_clip, shared  # the contract
@@ -155,7 +156,9 @@ def run_unet(unet, context, seed):
 
 @contextlib.contextmanager
 def loras_applied(data: dict):
-    """The Lora extension's effect on the UNet: ``W += unet_multiplier · ΔW`` in place, restored afterwards."""
+    """The Lora extension's effect on the UNet: ``W += ΔW`` in place, restored afterwards; a plain LoRA's ``ΔW`` is
+    ``unet_multiplier · α/r · up @ down``, another type's comes from its network module's ``calc_updown`` on the
+    original weight (networks.py network_apply_weights, 455-474)."""
     modules = attn2_modules(shared.sd_model.unet) if shared.sd_model.unet is not None else {}
     backup = {}
     with torch.no_grad():
@@ -163,10 +166,18 @@ def loras_applied(data: dict):
             name, *multipliers = params.items
             te = float(multipliers[0]) if multipliers else 1.0
             unet = float(multipliers[1]) if len(multipliers) > 1 else te
-            for key, low_rank in load_lora(networks.available_network_aliases[name].filename).kv.items():
+            lora = load_lora(networks.available_network_aliases[name].filename)
+            net = network.Network(name, None)
+            net.unet_multiplier = unet
+            for key in [*lora.kv, *lora.kv_parts]:
                 weight = modules[key].weight
-                backup.setdefault(key, weight.clone())
-                weight += unet * low_rank.scale * (low_rank.up @ low_rank.down)
+                original = backup.setdefault(key, weight.clone())
+                if key in lora.kv:
+                    weight += unet * lora.kv[key].scale * (lora.kv[key].up @ lora.kv[key].down)
+                    continue
+                parts = network.NetworkWeights(key[0], key[0], dict(lora.kv_parts[key]), modules[key])
+                made = next(m for kind in networks.module_types if (m := kind.create_module(net, parts)) is not None)
+                weight += made.calc_updown(original)[0]
     try:
         yield
     finally:
