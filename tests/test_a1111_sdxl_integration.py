@@ -23,4 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-webui = webui_fixture("ALIGNIT_A1111", CPU, SDXL_ARGS, family="sdxl")
+# A1111's default way of applying a LoRA (a "full"-scope concept's, or a <lora:…> tag) first copies every weight of the
+# model it touches, which is every weight: another 13 GB for an SDXL model in float32, more than this machine has. Its
+# other way, "Lora/Networks: use old method", adds each network in the layer's forward and copies nothing but the
+# OpenCLIP-G attention weights; the tests set it for the run (restored afterwards).
+webui = webui_fixture("ALIGNIT_A1111", CPU, SDXL_ARGS, family="sdxl", options={"lora_functional": True})

@@ -207,7 +207,9 @@ def provenance(folder: Path, arguments: Sequence[str], family: str) -> str:
 
 
 @contextlib.contextmanager
-def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path, family: str = "sd15") -> Iterator[str]:
+def running_webui(
+    folder: Path, python: str, arguments: Sequence[str], log: Path, family: str = "sd15", options: dict | None = None
+) -> Iterator[str]:
     """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family``;
     yield its URL; stop it and clean up."""
     link = folder / "extensions" / "alignit"
@@ -235,7 +237,7 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
                     pytest.fail(f"the WebUI did not start; see {log}:\n{log.read_text()[-3000:]}")
                 time.sleep(3)
         STARTED.append(provenance(folder, arguments, family))
-        settings = {"live_previews_enable": False, "emphasis": "Original"}
+        settings = {"live_previews_enable": False, "emphasis": "Original", **(options or {})}
         saved = {key: value for key, value in call(url, "/sdapi/v1/options").items() if key in settings}
         call(url, "/sdapi/v1/options", settings)
         call(url, "/sdapi/v1/refresh-embeddings", {})
@@ -258,22 +260,32 @@ def running_webui(folder: Path, python: str, arguments: Sequence[str], log: Path
                 folder.rmdir()
 
 
-def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
+def started(
+    prefix: str,
+    cpu: Sequence[str],
+    tmp_path_factory,
+    arguments: str | None = None,
+    family: str = "sd15",
+    options: dict | None = None,
+):
     """The WebUI named by ``{prefix}_DIR``, started with ``cpu`` and ``{prefix}_ARGS`` (or ``arguments``), with
     ``{prefix}_PYTHON`` (default: its ``venv/bin/python``), its log in ``{prefix}_LOG``; a context giving its URL."""
     folder = Path(os.environ[f"{prefix}_DIR"])
     python = os.environ.get(f"{prefix}_PYTHON", str(folder / "venv" / "bin" / "python"))
     log = Path(os.environ.get(f"{prefix}_LOG", tmp_path_factory.mktemp("webui") / "server.log"))
     extra = os.environ.get(f"{prefix}_ARGS", "") if arguments is None else arguments
-    return running_webui(folder, python, [*cpu, *extra.split()], log, family)
+    return running_webui(folder, python, [*cpu, *extra.split()], log, family, options)
 
 
-def webui_fixture(prefix: str, cpu: Sequence[str], arguments: str | None = None, family: str = "sd15"):
-    """A module-scoped ``webui`` fixture: the URL of the WebUI ``started`` with these settings."""
+def webui_fixture(
+    prefix: str, cpu: Sequence[str], arguments: str | None = None, family: str = "sd15", options: dict | None = None
+):
+    """A module-scoped ``webui`` fixture: the URL of the WebUI ``started`` with these settings (``options``: WebUI
+    options set for the run, restored afterwards)."""
 
     @pytest.fixture(scope="module")
     def webui(tmp_path_factory):
-        with started(prefix, cpu, tmp_path_factory, arguments, family) as url:
+        with started(prefix, cpu, tmp_path_factory, arguments, family, options) as url:
             yield url
 
     return webui
