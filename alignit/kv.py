@@ -21,7 +21,7 @@ patches (``hosts/webui/forge_attention.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +48,10 @@ class LowRank:
         down, up = self.down.to(x), self.up.to(x)
         return F.linear(F.linear(x, down), up) * self.scale
 
+    def matrix(self) -> torch.Tensor:
+        """``ΔW`` itself (out x in)."""
+        return (self.up @ self.down) * self.scale
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.up.shape[0], self.down.shape[1]
@@ -66,12 +70,15 @@ class Replacement:
 
 @dataclass(frozen=True)
 class Dense:
-    """A full-size ``ΔW`` (LoRA types that are not a plain product of two factors: LoHa, LoKr, DoRA)."""
+    """A full-size ``ΔW`` (LoRA types that are not a plain product of two factors: LoHa, LoKr, (IA)³, DoRA)."""
 
     weight: torch.Tensor
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x))
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -98,11 +105,16 @@ def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])
 
 
-def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:
-    """ConceptError when a concept's K/V weights name layers or shapes this UNet does not have."""
-    missing = [key for key in weights if key not in modules]
+def check_layers(name: str, keys: Iterable[Key], modules: Mapping[Key, torch.nn.Module]) -> None:
+    """ConceptError when a concept's K/V weights name layers this UNet does not have."""
+    missing = [key for key in keys if key not in modules]
     if missing:
         raise ConceptError(f"'{name}' was made for another model: this UNet has no layer {missing[0][0]}")
+
+
+def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:
+    """ConceptError when a concept's K/V weights name layers or shapes this UNet does not have."""
+    check_layers(name, weights, modules)
     for key, projection in weights.items():
         have = linear_shape(modules[key])
         if projection.shape != have:

@@ -18,7 +18,11 @@ from alignit.hosts.webui.sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
 HOST = current_host()
-MODELS = "Works with SD1.x, SD2.x and SDXL checkpoints; not with Flux or SD3, which have no UNet cross-attention."
+MODELS = (
+    "Works with SD1.x, SD2.x and SDXL checkpoints; not with Flux or SD3, which have no UNet cross-attention. "
+    "With a refiner, the steps after the switch get the prompt with the class words, without the concepts: "
+    "AlignIT does not reach the refiner."
+)
 
 
 def model_note() -> str:

@@ -8,6 +8,7 @@ from webui_flow import FakeModel, Processing, generate, script_args
 
 from alignit.concepts import Concept, Options
 from alignit.engine import ConceptSource, Splicer
+from alignit.hosts.webui import flow
 from alignit.prompt import rewrite_prompt
 
 SKS = ["<sks>", "cat", "sks", 1.0]
@@ -49,6 +50,25 @@ def test_disabled_is_bit_identical_to_no_extension():
     assert off.prompts == ["a <sks> playing badminton"] and off.alignit_state is None
     for a, b in zip(plain.sampled[0], off.sampled[0], strict=True):
         assert torch.equal(a, b)  # conditioning and UNet output of every step
+
+
+def test_the_refiner_gets_the_class_word_prompt(webui, text_model, tokenizer):
+    """After the refiner switch the WebUI encodes p anew with the refiner's encoder: the class-word prompt without the
+    concept. With a refiner of the same weights, AlignIT switching at 0.5 is AlignIT with the step range 0-0.5."""
+    refined = Processing(["a <sks> playing badminton"], steps=4)
+    refined.refiner, refined.refiner_switch_at = FakeModel(text_model, tokenizer, webui.unet), 0.5
+    refined.refiner_checkpoint_info = object()
+    try:
+        generate(refined, script_args(SKS))
+    finally:
+        shared.sd_model = webui
+    Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
+    ranged = generate(Processing(["a <sks> playing badminton"], steps=4), script_args(SKS, end=0.5))
+    assert refined.extra_generation_params["AlignIT warning"] == flow.REFINER_NOTE
+    assert "AlignIT warning" not in ranged.extra_generation_params
+    for a, b in zip(refined.sampled[0], ranged.sampled[0], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(refined.sampled[0][0], refined.sampled[0][-2])  # the concept rows, then the class word's
 
 
 def test_batch_of_different_prompts_with_and_editing_and_step_range():

@@ -2,7 +2,10 @@
 
 Skipped unless ``ALIGNIT_A1111_DIR`` names a WebUI folder that starts offline on the CPU. ``ALIGNIT_A1111_PYTHON``
 is the Python to start it with (default: the folder's ``venv/bin/python``), ``ALIGNIT_A1111_ARGS`` adds launch
-arguments (a ``--ckpt`` for instance), ``ALIGNIT_A1111_LOG`` keeps the server's log.
+arguments (a ``--ckpt`` for instance), ``ALIGNIT_A1111_LOG`` keeps the server's log. With random weights, use a
+checkpoint made by ``tools/random_checkpoint.py sd15``: a plain random ldm UNet outputs 0 (zero-initialised output
+layers) and its images ignore the prompt, so "on and off differ" and "off equals plain" would mean nothing; the tool
+fills those layers. The test summary names the WebUI's commit, the model family and how the checkpoint was made.
 """
 
 import os
@@ -21,3 +24,8 @@ webui = webui_fixture("ALIGNIT_A1111", CPU)
 @pytest.fixture
 def hires_extra():
     return {}
+
+
+@pytest.fixture
+def webui_name():
+    return "a1111"

@@ -207,6 +207,18 @@ def test_loha_is_merged_with_forges_own_maths(forge):
     torch.testing.assert_close(k[1, 4:5], want, rtol=1e-5, atol=1e-5)
 
 
+def test_ia3_which_forges_loader_does_not_read_is_refused(forge, tmp_path, monkeypatch):
+    layer, proj = next(iter(attn2_modules(forge.unet)))
+    base = "lora_unet_" + f"{layer}.to_{proj}".replace(".", "_")
+    save_file({f"{base}.weight": torch.ones(32), f"{base}.on_input": torch.tensor(False)}, str(tmp_path / "ia3.safetensors"))
+    monkeypatch.setitem(networks.available_network_aliases, "ia3", SimpleNamespace(filename=str(tmp_path / "ia3.safetensors")))
+    p = generate(ForgeProcessing(["a photo of ohwx"], steps=1), script_args(["ohwx", "man", "lora:ia3", 1.0]))
+    assert p.extra_generation_params["AlignIT warning"] == (
+        "LoRA 'ia3': it holds (IA)³ modules, which Forge's LoRA loader does not read (A1111's does); this concept is left "
+        "to the WebUI; no usable concept; generating without AlignIT"
+    )
+
+
 def test_nothing_is_left_after_a_failed_generation(forge):
     plain = generate(ForgeProcessing(["a photo of a man"], steps=1))
     p = ForgeProcessing(["a photo of ohwx"], steps=2)

@@ -8,13 +8,30 @@ AlignIT run changes the image while a plain run before and after it gives the sa
 hook or patch left); weight-side concepts reach every cross-attention layer (no "never reached" warning); bad
 concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``; and, through the test probe, the keys and
 values the WebUI's attention receives with AlignIT on are, row for row, the ones the WebUI itself computes for the
-class-word prompt p and, at the concept's rows, for p' with the LoRA applied by the WebUI."""
+class-word prompt p and, at the concept's rows, for p' with the LoRA applied by the WebUI. The modules that import
+them give the ``webui_name`` fixture ("a1111" or "forge") where a WebUI's own abilities differ."""
 
 import base64
+import io
 
 import pytest
 import torch
-from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, recorded_attention, txt2img, webui_layout
+from PIL import Image
+from webui_server import (
+    CD,
+    EMBEDDING,
+    EMBEDDING_OTHER,
+    LORA,
+    LORA_DIFFUSERS,
+    LORA_OTHER,
+    LYCORIS,
+    REFINER,
+    call,
+    on,
+    recorded_attention,
+    txt2img,
+    webui_layout,
+)
 
 
 def test_the_embedding_and_the_script_are_loaded(webui):
@@ -173,3 +190,46 @@ def test_lora_concept_keys_and_values_row_by_row(webui, tmp_path, strength):
             worst, weakest = max(worst, error), min(weakest, lora_effect)
     effect = f", smallest LoRA effect {weakest:.2e}" if strength else ""
     print(f"strength {strength}: {len(aligned.calls)} UNet calls, concept-row error {worst:.2e}{effect}")
+
+
+def test_lycoris_concepts(webui, webui_name):
+    """LoHa (with text parts), LoKr, (IA)³, DoRA, LoCon and a full diff on K/V, formed by the WebUI's own LoRA maths
+    (Forge's loader does not read (IA)³: refused there)."""
+    before, _ = txt2img(webui, "a photo of a man playing badminton")
+    for kind, name in LYCORIS.items():
+        image, info = txt2img(webui, "a photo of ohwx playing badminton", on(("ohwx", "man", f"lora:{name}:0.8")))
+        text = info["infotexts"][0]
+        if kind == "ia3" and webui_name == "forge":
+            assert "(IA)³" in text, text
+            continue
+        assert "AlignIT warning" not in text, (kind, text)
+        assert image != before, kind
+    after, _ = txt2img(webui, "a photo of a man playing badminton")
+    assert after == before
+
+
+def test_sources_of_the_other_family_are_refused(webui):
+    for row in (("<sks>", "cat", EMBEDDING_OTHER), ("ohwx", "man", f"lora:{LORA_OTHER}")):
+        image, info = txt2img(webui, f"a photo of {row[0]} on a sofa", on(row))
+        assert image and "made for another model" in info["infotexts"][0], info["infotexts"][0]
+
+
+def test_the_refiner_gets_the_class_word_prompt(webui):
+    """After the refiner switch the WebUI encodes the prompt anew with the refiner's text encoder: the class-word prompt,
+    without the concept. With a refiner of the same weights (the checkpoint under another name) switching at 0.5 of 4
+    steps, AlignIT's image is the one of AlignIT's step range 0-0.5 without a refiner, pixel for pixel."""
+    if REFINER not in [model["model_name"] for model in call(webui, "/sdapi/v1/sd-models")]:
+        pytest.skip("no refiner of the same weights for this model family")
+    concept = on(("<sks>", "cat", EMBEDDING))
+    settings = {"override_settings": {"refiner_switch_by_sample_steps": True}, "steps": 4}
+    refiner = {"refiner_checkpoint": REFINER, "refiner_switch_at": 0.5}
+    refined, info = txt2img(webui, "a <sks> playing badminton", concept, **settings, **refiner)
+    ranged, _ = txt2img(webui, "a <sks> playing badminton", on(("<sks>", "cat", EMBEDDING), step_end=0.5), **settings)
+    whole, _ = txt2img(webui, "a <sks> playing badminton", concept, **settings)
+    assert "AlignIT does not reach the refiner" in info["infotexts"][0] and "Refiner: " in info["infotexts"][0]
+    assert pixels(refined) == pixels(ranged) != pixels(whole)
+
+
+def pixels(png: bytes) -> bytes:
+    """An image's pixels, without its metadata (the infotext)."""
+    return Image.open(io.BytesIO(png)).tobytes()

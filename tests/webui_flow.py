@@ -16,9 +16,10 @@ import itertools
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import network
 import networks
 import torch
-from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, shared  # the contract (tests/contract)
+from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, sd_hijack_open_clip, shared  # the contract
 
 from alignit.hosts.webui import a1111, flow
 from alignit.kv_hooks import attn2_modules
@@ -42,7 +43,8 @@ class FakeModel:
 
 
 class FakeSDXLModel:
-    """``shared.sd_model`` of an SDXL checkpoint: ``cond_stage_model`` is the conditioner with the two text embedders;
+    """``shared.sd_model`` of an SDXL checkpoint: ``cond_stage_model`` is the conditioner with the two text embedders
+    (CLIP-L over a transformers model, OpenCLIP-G over an open_clip text tower, ``clip_parts.OpenClipText``);
     ``get_learned_conditioning`` (sd_models_xl.py:12) returns ``crossattn`` (CLIP-L ‖ OpenCLIP-G rows) and the
     pooled ``vector`` (here OpenCLIP-G's EOS row of the first chunk and the size embeddings' zeros)."""
 
@@ -51,7 +53,7 @@ class FakeSDXLModel:
         self.cond_stage_model = SimpleNamespace(
             embedders=[
                 sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_l, tokenizer, hijack, "clip_l"),
-                sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(model_g, tokenizer, hijack, "clip_g"),
+                sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(model_g, tokenizer, hijack),
                 SimpleNamespace(),  # the size and crop embedders
             ]
         )
@@ -90,12 +92,15 @@ class Processing:
         self.extra_network_data: dict = {}
         self.hr_extra_network_data: dict = {}
         self.fail_at_step: int | None = None
+        self.refiner: Any = None  # a model the sampler switches to at ``refiner_switch_at``
+        self.refiner_switch_at = 1.0
+        self.refiner_checkpoint_info = None
 
     def comment(self, text):
         self.comments[text] = 1
 
     def _cached(self, function, prompts, steps, caches, hires_steps=None):
-        key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis)
+        key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis, id(shared.sd_model))  # 448: checkpoint info
         for cache in caches:
             if cache[0] == key:
                 return cache[1]
@@ -122,6 +127,12 @@ class Processing:
         for step in range(steps):
             if step == self.fail_at_step:
                 raise RuntimeError("sampling failed")
+            if self.refiner is not None and shared.sd_model is not self.refiner and step / steps >= self.refiner_switch_at:
+                # sd_samplers_common.py 158-202 apply_refiner (switch by sampling steps): the refiner's weights are
+                # loaded, the conds set up anew; the denoiser then takes p's new c (cfg_denoiser.py 160-162)
+                shared.sd_model = self.refiner
+                self.setup_conds()
+                c = self.c
             _, cond = prompt_parser.reconstruct_multicond_batch(c, step)
             outputs.append(cond)
             unet = shared.sd_model.unet
@@ -145,7 +156,9 @@ def run_unet(unet, context, seed):
 
 @contextlib.contextmanager
 def loras_applied(data: dict):
-    """The Lora extension's effect on the UNet: ``W += unet_multiplier · ΔW`` in place, restored afterwards."""
+    """The Lora extension's effect on the UNet: ``W += ΔW`` in place, restored afterwards; a plain LoRA's ``ΔW`` is
+    ``unet_multiplier · α/r · up @ down``, another type's comes from its network module's ``calc_updown`` on the
+    original weight (networks.py network_apply_weights, 455-474)."""
     modules = attn2_modules(shared.sd_model.unet) if shared.sd_model.unet is not None else {}
     backup = {}
     with torch.no_grad():
@@ -153,10 +166,18 @@ def loras_applied(data: dict):
             name, *multipliers = params.items
             te = float(multipliers[0]) if multipliers else 1.0
             unet = float(multipliers[1]) if len(multipliers) > 1 else te
-            for key, low_rank in load_lora(networks.available_network_aliases[name].filename).kv.items():
+            lora = load_lora(networks.available_network_aliases[name].filename)
+            net = network.Network(name, None)
+            net.unet_multiplier = unet
+            for key in [*lora.kv, *lora.kv_parts]:
                 weight = modules[key].weight
-                backup.setdefault(key, weight.clone())
-                weight += unet * low_rank.scale * (low_rank.up @ low_rank.down)
+                original = backup.setdefault(key, weight.clone())
+                if key in lora.kv:
+                    weight += unet * lora.kv[key].scale * (lora.kv[key].up @ lora.kv[key].down)
+                    continue
+                parts = network.NetworkWeights(key[0], key[0], dict(lora.kv_parts[key]), modules[key])
+                made = next(m for kind in networks.module_types if (m := kind.create_module(net, parts)) is not None)
+                weight += made.calc_updown(original)[0]
     try:
         yield
     finally:

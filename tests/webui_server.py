@@ -27,6 +27,13 @@ EMBEDDING = "alignit_test_sks"
 LORA = "alignit_test_lora"
 LORA_DIFFUSERS = "alignit_test_lora_diffusers"
 CD = "alignit_test_cd"
+LYCORIS = {kind: f"alignit_test_{kind}" for kind in ("loha", "lokr", "ia3", "dora", "locon", "full")}
+EMBEDDING_OTHER = "alignit_test_other_family"
+LORA_OTHER = "alignit_test_lora_other_family"
+REFINER = "alignit_test_refiner"
+STARTED: list[str] = []
+"""One line per WebUI the tests started: which WebUI at which commit, the model family and how its checkpoint was made
+(the test summary prints them)."""
 # Cross-attention layers (block → width, transformer depth), context width, text encoders (LoRA prefix → width,
 # layers) and embedding shapes: SD1.5 (configs/v1-inference.yaml) and SDXL (sd_xl_base.yaml: depth 2 at 640, 10 at 1280)
 FAMILIES = {
@@ -124,6 +131,100 @@ def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int]) -> 
     return [*written, embedding, lora, lora_diffusers, delta]
 
 
+def _lycoris_module(kind: str, out: int, inp: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One linear module's parts in a LyCORIS file of ``kind`` (kohya part names), with a modest ``ΔW``."""
+
+    def rand(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * scale
+
+    if kind == "loha":
+        return {"hada_w1_a": rand(out, 4), "hada_w1_b": rand(4, inp), "hada_w2_a": rand(out, 4), "hada_w2_b": rand(4, inp)}
+    if kind == "lokr":
+        return {"lokr_w1": rand(4, 4), "lokr_w2_a": rand(out // 4, 4), "lokr_w2_b": rand(4, inp // 4), "alpha": torch.tensor(4.0)}
+    if kind == "ia3":
+        return {"weight": rand(out, scale=0.3), "on_input": torch.tensor(False)}
+    if kind == "dora":
+        return {"lora_down.weight": rand(4, inp), "lora_up.weight": rand(out, 4), "alpha": torch.tensor(4.0)} | {
+            "dora_scale": 0.5 + torch.rand(1, inp, generator=generator)
+        }
+    if kind == "full":
+        return {"diff": rand(out, inp, scale=0.02)}
+    return {"lora_down.weight": rand(4, inp), "lora_up.weight": rand(out, 4), "alpha": torch.tensor(4.0)}  # locon
+
+
+def _write_more_sources(folder: Path, family: str) -> list[Path]:
+    """LyCORIS files of every type AlignIT reads (``LYCORIS``: LoHa with text parts for each encoder, LoKr, (IA)³, DoRA,
+    a LoCon whose conv parts are not K/V, a full diff on one layer), and an embedding and a LoRA of the other family."""
+    from safetensors.torch import save_file
+
+    shapes, generator = FAMILIES[family], torch.Generator().manual_seed(4)
+    loras = folder / "models" / "Lora"
+    written = []
+    for kind, name in LYCORIS.items():
+        tensors = {}
+        for block, (width, depth) in list(shapes["attn2"].items())[: 1 if kind == "full" else None]:
+            for index in range(1 if kind == "full" else depth):
+                for proj in "kv"[: 1 if kind == "full" else 2]:
+                    base = f"lora_unet_{block}.transformer_blocks.{index}.attn2.to_{proj}".replace(".", "_")
+                    module = _lycoris_module(kind, width, shapes["context"], generator)
+                    tensors |= {f"{base}.{part}": tensor for part, tensor in module.items()}
+        if kind == "locon":  # a conv part, as LoCon trains on ResBlocks: not a K/V part
+            base = "lora_unet_input_blocks_1_0_in_layers_2"
+            tensors |= {f"{base}.lora_down.weight": torch.randn(4, 320, 3, 3, generator=generator) * 0.05}
+            tensors |= {f"{base}.lora_up.weight": torch.randn(320, 4, 1, 1, generator=generator) * 0.05}
+            tensors[f"{base}.alpha"] = torch.tensor(4.0)
+        if kind == "loha":
+            for prefix, (width, layers) in shapes["text"].items():
+                for layer in range(layers):
+                    module = _lycoris_module(kind, width, width, generator)
+                    base = f"{prefix}_text_model_encoder_layers_{layer}_self_attn_q_proj"
+                    tensors |= {f"{base}.{part}": tensor * 0.3 for part, tensor in module.items()}
+        save_file(tensors, str(loras / f"{name}.safetensors"))
+        written.append(loras / f"{name}.safetensors")
+    other = FAMILIES["sdxl" if family == "sd15" else "sd15"]
+    embedding = folder / "embeddings" / f"{EMBEDDING_OTHER}.safetensors"
+    save_file(
+        {key: torch.randn(2, width, generator=generator) * 0.3 for key, width in other["embedding"].items()}, str(embedding)
+    )
+    # a cross-attention layer of the other family that this one lacks (SDXL's second block at input 4; SD1.5's input 1)
+    block, index = ("input_blocks.4.1", 1) if family == "sd15" else ("input_blocks.1.1", 0)
+    base = f"lora_unet_{block}.transformer_blocks.{index}.attn2.to_k".replace(".", "_")
+    width = other["attn2"][block][0]
+    module = _lycoris_module("locon", width, other["context"], generator)
+    save_file({f"{base}.{part}": tensor for part, tensor in module.items()}, str(loras / f"{LORA_OTHER}.safetensors"))
+    return [*written, embedding, loras / f"{LORA_OTHER}.safetensors"]
+
+
+def _refiner_alias(folder: Path, arguments: Sequence[str], family: str) -> list[Path]:
+    """The SD1.5 checkpoint once more under the name ``REFINER`` (a link in ``models/Stable-diffusion``), for a refiner
+    of the same weights. Not for SDXL: switching to a second SDXL model needs memory this machine does not have."""
+    if family != "sd15" or "--ckpt" not in arguments:
+        return []
+    alias = folder / "models" / "Stable-diffusion" / f"{REFINER}.safetensors"
+    alias.symlink_to(Path(arguments[list(arguments).index("--ckpt") + 1]).resolve())
+    return [alias]
+
+
+def provenance(folder: Path, arguments: Sequence[str], family: str) -> str:
+    """Which WebUI (and commit) the tests run, the model family and how its checkpoint was made: a checkpoint of
+    ``tools/random_checkpoint.py`` says so in its metadata (random weights whose images depend on the prompt)."""
+    webui = "Forge" if (folder / "modules_forge").is_dir() else "AUTOMATIC1111"
+    git = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short=8", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() or "unknown commit"
+    made = "no --ckpt"
+    if "--ckpt" in arguments:
+        checkpoint = Path(arguments[list(arguments).index("--ckpt") + 1])
+        made = f"{checkpoint.name}: a checkpoint not made by tools/random_checkpoint.py"
+        if checkpoint.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(checkpoint), framework="pt") as file:
+                recipe = (file.metadata() or {}).get("alignit_random_checkpoint")
+            if recipe:
+                made = f"{checkpoint.name}: random weights by tools/random_checkpoint.py ({recipe})"
+    return f"{webui} at {commit}, family {family}, checkpoint {made}"
+
+
 @contextlib.contextmanager
 def running_webui(
     folder: Path,
@@ -132,12 +233,18 @@ def running_webui(
     log: Path,
     family: str = "sd15",
     embeddings: Mapping[str, int] | None = None,
+    options: dict | None = None,
 ) -> Iterator[str]:
-    """Start the WebUI in ``folder`` on a free port with ``arguments`` and test sources for a model ``family`` (and
-    extra test ``embeddings``: name → vectors); yield its URL; stop it and clean up."""
+    """Start the WebUI in ``folder`` on a free port with ``arguments``, test sources for a model ``family`` (and
+    extra test ``embeddings``: name → vectors) and WebUI ``options`` set for the run; yield its URL; stop it and
+    clean up."""
     created = [path for path in (folder / "models" / "CustomDiffusion", folder / "models" / "Lora") if not path.exists()]
     links = {folder / "extensions" / "alignit": ROOT, folder / "extensions" / "alignit_probe": PROBE}
-    written = _write_sources(folder, family, embeddings or {})
+    written = (
+        _write_sources(folder, family, embeddings or {})
+        + _write_more_sources(folder, family)
+        + _refiner_alias(folder, arguments, family)
+    )
     for link, target in links.items():
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -160,7 +267,8 @@ def running_webui(
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"the WebUI did not start; see {log}:\n{log.read_text()[-3000:]}")
                 time.sleep(3)
-        settings = {"live_previews_enable": False, "emphasis": "Original"}
+        STARTED.append(provenance(folder, arguments, family))
+        settings = {"live_previews_enable": False, "emphasis": "Original", **(options or {})}
         saved = {key: value for key, value in call(url, "/sdapi/v1/options").items() if key in settings}
         call(url, "/sdapi/v1/options", settings)
         call(url, "/sdapi/v1/refresh-embeddings", {})
@@ -184,22 +292,32 @@ def running_webui(
                 made.rmdir()
 
 
-def started(prefix: str, cpu: Sequence[str], tmp_path_factory, arguments: str | None = None, family: str = "sd15"):
+def started(
+    prefix: str,
+    cpu: Sequence[str],
+    tmp_path_factory,
+    arguments: str | None = None,
+    family: str = "sd15",
+    options: dict | None = None,
+):
     """The WebUI named by ``{prefix}_DIR``, started with ``cpu`` and ``{prefix}_ARGS`` (or ``arguments``), with
     ``{prefix}_PYTHON`` (default: its ``venv/bin/python``), its log in ``{prefix}_LOG``; a context giving its URL."""
     folder = Path(os.environ[f"{prefix}_DIR"])
     python = os.environ.get(f"{prefix}_PYTHON", str(folder / "venv" / "bin" / "python"))
     log = Path(os.environ.get(f"{prefix}_LOG", tmp_path_factory.mktemp("webui") / "server.log"))
     extra = os.environ.get(f"{prefix}_ARGS", "") if arguments is None else arguments
-    return running_webui(folder, python, [*cpu, *extra.split()], log, family)
+    return running_webui(folder, python, [*cpu, *extra.split()], log, family, options=options)
 
 
-def webui_fixture(prefix: str, cpu: Sequence[str], arguments: str | None = None, family: str = "sd15"):
-    """A module-scoped ``webui`` fixture: the URL of the WebUI ``started`` with these settings."""
+def webui_fixture(
+    prefix: str, cpu: Sequence[str], arguments: str | None = None, family: str = "sd15", options: dict | None = None
+):
+    """A module-scoped ``webui`` fixture: the URL of the WebUI ``started`` with these settings (``options``: WebUI
+    options set for the run, restored afterwards)."""
 
     @pytest.fixture(scope="module")
     def webui(tmp_path_factory):
-        with started(prefix, cpu, tmp_path_factory, arguments, family) as url:
+        with started(prefix, cpu, tmp_path_factory, arguments, family, options) as url:
             yield url
 
     return webui

@@ -1,5 +1,7 @@
-"""A1111's own text encoders as AlignIT sees them: one ``FrozenCLIPEmbedderWithCustomWords`` (SD1.x, SD2.x), or
-SDXL's two (CLIP-L ``clip_l`` and OpenCLIP-G ``clip_g``, rows concatenated to 2048 as ``sd_models_xl`` does)."""
+"""A1111's own text encoders as AlignIT sees them: one ``FrozenCLIPEmbedderWithCustomWords`` (SD1.x) or
+``FrozenOpenCLIPEmbedderWithCustomWords`` (SD2.x), or SDXL's two (CLIP-L ``clip_l`` and OpenCLIP-G ``clip_g``, rows
+concatenated to 2048 as ``sd_models_xl`` does). Each wraps a transformers CLIP text model (``wrapped.transformer``)
+or an open_clip model (``wrapped.model``, whose ``transformer`` is the text tower)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,15 @@ from modules.sd_hijack_clip import PromptChunkFix
 from ...engine import check_same_layout
 from ...errors import ConceptError, Unsupported
 from ...layout import Chunk, EmbeddingMatch, LayoutOptions
+from ...text_lora import TextTower
+
+
+def text_tower(clip: Any) -> TextTower:
+    """The transformer a LoRA's text part acts on, in one of the WebUI's prompt encoders."""
+    wrapped = clip.wrapped
+    if hasattr(wrapped, "transformer"):  # ldm/sgm FrozenCLIPEmbedder
+        return TextTower(wrapped.transformer)
+    return TextTower(wrapped.model.transformer, open_clip=True)  # ldm FrozenOpenCLIPEmbedder, sgm …Embedder2
 
 
 def text_encoders(cond_stage_model: Any) -> list[Any]:
@@ -34,8 +45,8 @@ class A1111Encoder:
         self.clips = text_encoders(cond_stage_model)
         first = self.clips[0]
         self.is_sdxl = len(self.clips) > 1
-        self.text_model = first.wrapped.transformer  # CLIP-L's transformers model: where a LoRA's text part goes
-        self.width = self.text_model.config.hidden_size
+        self.towers = [text_tower(clip) for clip in self.clips]  # where a LoRA's text parts go (SDXL: te1, te2)
+        self.width = self.towers[0].width
         self.id_start, self.id_end, self.comma_token = first.id_start, first.id_end, first.comma_token
         self.layout_options = LayoutOptions(
             parse_emphasis=shared.opts.emphasis != "None",

@@ -37,6 +37,10 @@ from . import args as alignit_args
 log = logging.getLogger("alignit")
 
 STATE_ATTRIBUTE = "alignit_state"
+REFINER_NOTE = (
+    "the refiner's steps condition on the prompt with the class words, without the concepts: AlignIT does not reach "
+    "the refiner (after the switch the WebUI encodes the prompt anew with the refiner's own text encoder)"
+)
 WARNING_KEY = "AlignIT warning"
 OVERRIDES_ATTRIBUTE = "alignit_overrides"
 
@@ -181,6 +185,8 @@ def start(p: Any, host: Host, enabled: bool, options: Options) -> Generation | N
     except ConceptError as error:
         _message(p, f"{error}; generating without AlignIT")
         return None
+    if getattr(p, "refiner_checkpoint_info", None) is not None:
+        _message(p, REFINER_NOTE)
     p.cached_c = _own_cache(p.cached_c)
     if hasattr(p, "cached_hr_c"):
         p.cached_hr_c = _own_cache(p.cached_hr_c)

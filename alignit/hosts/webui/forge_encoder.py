@@ -17,6 +17,7 @@ from modules import shared
 from ...engine import check_same_layout
 from ...errors import ConceptError, NotLoaded, Unsupported
 from ...layout import Chunk, EmbeddingMatch, LayoutOptions
+from ...text_lora import TextTower
 
 COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read from the setting as on A1111
 
@@ -47,8 +48,8 @@ class ForgeEncoder:
         self.engines = text_engines(sd_model)
         first = self.engines[0]
         self.is_sdxl = len(self.engines) > 1
-        self.text_models = [engine.text_encoder.transformer for engine in self.engines]  # where LoRA text parts go
-        self.width = first.text_encoder.transformer.config.hidden_size
+        self.towers = [TextTower(engine.text_encoder.transformer) for engine in self.engines]  # where LoRA text parts go
+        self.width = self.towers[0].width
         self.id_start, self.id_end, self.comma_token = first.id_start, first.id_end, first.comma_token
         self.layout_options = LayoutOptions(parse_emphasis=shared.opts.emphasis != "None", comma_backtrack=COMMA_BACKTRACK)
 

@@ -4,10 +4,9 @@ Forge's own key maps (``backend/patcher/lora.py``: ``model_lora_keys_unet``/``mo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from ...kv import Delta, Dense, Key, LowRank
 from ...kv_hooks import attn2_modules
 from ...sources.files import flatten, load_tensors, read_cached
 from ...sources.names import text_module
-from ...text_lora import text_lora
+from ...text_lora import tower_loras
 from . import sources as webui_sources
 from .forge_encoder import ForgeEncoder, text_engines
 
@@ -52,15 +51,6 @@ def _delta(patch: tuple, strength: float, weight: torch.Tensor | None, key: str)
     return Dense(merge_lora_to_weight([(strength, patch, 1.0, None, None)], base.clone(), key) - base)
 
 
-@contextlib.contextmanager
-def _text_loras(models: list[torch.nn.Module], parts: list[dict[str, Delta]]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for model, factors in zip(models, parts):
-            if factors:
-                stack.enter_context(text_lora(model, factors))
-        yield
-
-
 # What AlignIT uses of a LoRA file (cross-attention K/V and text-encoder parts, in every naming scheme Forge's key maps
 # read): the file cache keeps only these tensors.
 _USED = re.compile(
@@ -78,6 +68,8 @@ def lora_parts(
 ) -> tuple[dict[Key, Delta], list[dict[str, Delta]], int]:
     """A LoRA's cross-attention K/V parts and per text engine parts at ``strength``, and how many of its
     modules match nothing in this model."""
+    if any(key.endswith(".on_input") for key in tensors):
+        raise ConceptError("it holds (IA)³ modules, which Forge's LoRA loader does not read (A1111's does)")
     original = sd_model.forge_objects_original
     unet_model, clip_model = original.unet.model, original.clip.cond_stage_model
     unet_patches, rest = load_lora(dict(tensors), model_lora_keys_unet(unet_model, {}))
@@ -123,8 +115,11 @@ class ForgeSources:
 
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, webui_sources.lora_file(concept))
-        kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
-        text_patch = functools.partial(_text_loras, self.encoder.text_models, text) if any(text) else None
+        try:
+            kv, text, unmatched = lora_parts(self.sd_model, self.encoder, tensors, spec.weight)
+        except ConceptError as error:
+            raise ConceptError(f"LoRA '{spec.name}': {error}") from error
+        text_patch = functools.partial(tower_loras, self.encoder.towers, text) if any(text) else None
         return webui_sources.resolve_lora(
             concept, self.encoder, self._modules(), kv, text_patch, self.lora_scope, other_family=bool(unmatched)
         )
