@@ -32,7 +32,7 @@ def test_dict_form_and_defaults():
         ([{"enabled": True, "concepts": [["<sks>", 5]]}], "must be text"),
         ([{"enabled": True, "concepts": [{"trigger": "x", "klass": "y"}]}], "unknown field"),
         ([{"enabled": True, "steps": 3}], "unknown AlignIT argument"),
-        ([True, 0, 1, "*", "kv", *["x"] * 20], "at most 17 arguments"),
+        ([True, 0, 1, "*", "kv", *["x"] * 20], "at most 20 arguments"),
         ([True, 0, 1, None, ["kv"]], "'lora_scope' must be text"),
     ],
 )
