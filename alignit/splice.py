@@ -122,9 +122,9 @@ def splice_chunk(
         offsets[span] = start
         start += len(concept)
     order, dropped = splice_order(chunk, {span: len(concept) for span, concept in concept_rows.items()})
-    index = torch.tensor([offsets[span] + j for span, j in order], device=rows.device)
+    index = torch.tensor([offsets[origin] + j for origin, j in order], device=rows.device)
     placed: dict[Span, list[tuple[int, int]]] = {span: [] for span in concept_rows}
-    for position, (span, j) in enumerate(order):
-        if span is not None:
-            placed[span].append((position, j))
+    for position, (origin, j) in enumerate(order):
+        if origin is not None:
+            placed[origin].append((position, j))
     return SplicedChunk(torch.cat(blocks).index_select(0, index), dropped, placed)

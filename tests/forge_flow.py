@@ -14,7 +14,8 @@ The sampler (backend/sampling/sampling_function.py 160-257) batches uncond and c
 uncond first, with ``cond_or_uncond`` ([1, 0]) in ``transformer_options``; contexts of unequal lengths are tiled to
 their LCM (condition.py 45-72). The ldm UNet's cross-attention runs as Forge's ``BasicTransformerBlock._forward``
 (backend/nn/unet.py 236-259): the ``attn2_patch`` list on ``(n, context, value)``, then the replace patch of
-``(block, id, transformer index)`` or ``(block, id)`` on the projected ``q, k, v``."""
+``(block, id, transformer index)`` or ``(block, id)`` on the projected ``q, k, v``; the options carry the UNet
+input's shape (``original_shape``, unet.py 697)."""
 
 from __future__ import annotations
 
@@ -175,9 +176,9 @@ class ForgeProcessing(Processing):
             uncond = crossattn(prompt_parser.reconstruct_cond_batch(self.uc, step))
             length = math.lcm(cond.shape[1], uncond.shape[1])
             context = torch.cat([uncond.repeat(1, length // uncond.shape[1], 1), cond.repeat(1, length // cond.shape[1], 1)])
-            options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0])
-            self.seen_options.append(options)
             x = torch.randn(context.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(step))
+            options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0], original_shape=list(x.shape))
+            self.seen_options.append(options)
             with torch.inference_mode(), forge_attention(patcher.model.diffusion_model, options):  # as Forge samples
                 outputs.append(patcher.model.diffusion_model(x, torch.full((context.shape[0],), 500), context=context))
             outputs.append(cond)

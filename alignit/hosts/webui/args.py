@@ -139,7 +139,9 @@ def parse_maps(args: Sequence[Any]) -> MapSettings:
         values = [args[0].get(key, default) for key, default in zip(MAP_FIELDS, MAP_DEFAULTS)]
     else:
         given = list(args[MAPS_AT:ARG_COUNT])
-        values = [default if value is None else value for value, default in zip([*given, *MAP_DEFAULTS[len(given) :]], MAP_DEFAULTS)]
+        values = [
+            default if value is None else value for value, default in zip([*given, *MAP_DEFAULTS[len(given) :]], MAP_DEFAULTS)
+        ]
     on, compare, words = values
     if not isinstance(words, str):
         raise ConceptError(f"'maps_words' must be text, not {words!r}")

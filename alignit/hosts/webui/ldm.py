@@ -72,7 +72,11 @@ class KVInjector:
         self.rewriter = KVRewriter(chunks, weights, global_lora, module_projection(modules))
         self.is_current = is_current
         self.error: str | None = None
-        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
+        # First among the projection's forward hooks: whoever else watches to_k/to_v (the attention maps) sees the
+        # rewritten keys/values.
+        self._handles = [
+            modules[key].register_forward_hook(self._hook(key), prepend=True) for key in self.rewriter.layers if key in modules
+        ]
 
     def _hook(self, key: Key):
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
