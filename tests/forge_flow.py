@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 import webui_flow
+from backend import attention
 from backend.patcher.base import ModelPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 from modules import prompt_parser, shared
@@ -111,7 +112,7 @@ class FakeForgeSDXLModel(FakeForgeModel):
 
 
 def _forge_attn2(module, block, index, transformer_options, x, context=None, mask=None):
-    """backend/nn/unet.py 236-259 for one ldm ``CrossAttention``."""
+    """backend/nn/unet.py 236-259 for one ldm ``CrossAttention``, which attends as Forge's own does."""
     patches = transformer_options.get("patches", {})
     replace = transformer_options.get("patches_replace", {}).get("attn2", {})
     extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
@@ -122,11 +123,11 @@ def _forge_attn2(module, block, index, transformer_options, x, context=None, mas
         for patch in patches["attn2_patch"]:
             n, context, value = patch(n, context, value, extra)
     key = (block[0], block[1], index) if (block[0], block[1], index) in replace else block
-    if key not in replace:
-        return type(module).forward(module, n, context=context)
     value = context if value is None else value
-    out = replace[key](module.to_q(n), module.to_k(context), module.to_v(value), extra)
-    return module.to_out(out)
+    q, k, v = module.to_q(n), module.to_k(context), module.to_v(value)
+    if key not in replace:  # Forge's own CrossAttention.forward (unet.py 145-155)
+        return module.to_out(attention.attention_function(q, k, v, module.heads))
+    return module.to_out(replace[key](q, k, v, extra))
 
 
 @contextlib.contextmanager
