@@ -244,7 +244,7 @@ def test_each_image_of_a_batch_gets_its_own_words_and_rows(host):
 def test_words_named_by_the_user_and_maps_without_alignit(host):
     calls: list[Call] = []
     p = host.run([PROMPT.format("sks")], maps_args(SKS, enabled=False, words="garden, sks, nowhere"), calls, steps=1)
-    assert getattr(p, "alignit_state") is None
+    assert p.alignit_state is None
     want = expected_maps(calls, [{"garden": [5], "sks": [9, 10], "nowhere": []}])  # the trigger as the WebUI encodes it
     assert_maps(p, want)
     assert p.extra_generation_params["AlignIT maps"] == "on, words: garden, sks, nowhere"
