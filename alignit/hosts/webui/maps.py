@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from modules import images as webui_images
-from modules import processing
+from modules import processing, shared
 
 from ... import map_pictures
 from ...attention_maps import (
@@ -281,8 +281,10 @@ def collect(p: Any, images: torch.Tensor | None, message: Callable[[str], None])
         return
     remove(p, message)
     recorder, session.recorder = session.recorder, None
+    if not any(plan and plan.words for plan in session.items):
+        return
     maps = recorder.maps()
-    if not any(item.numel() for item in maps) and any(session.items):
+    if not any(item.numel() for item in maps):
         message("no cross-attention layer reported to AlignIT: no attention maps")
         return
     for index, (plan, item_maps) in enumerate(zip(session.items, maps)):
@@ -321,6 +323,8 @@ def run_plain(p: Any, session: MapSession, arguments: tuple[int, int]) -> tuple[
     script_args = list(p.script_args)
     script_args[first:last] = [_plain_arguments(session), *[None] * (last - first - 1)]
     plain.script_args = script_args
+    if getattr(shared.state, "job_count", 0) > 0:  # the progress bar counts the plain run's batches too
+        shared.state.job_count += plain.n_iter
     processed = processing.process_images(plain)
     return processed, getattr(plain, MAPS_ATTRIBUTE, None)
 
