@@ -5,7 +5,8 @@ zero-initialised layers filled, so that it computes something), a 64×64 latent 
 of 2 with 77-row contexts, as A1111 runs a step. For each choice of levels (downsampling factors of the recorded
 cross-attention layers: 1 = 64×64, 2 = 32×32, 4 = 16×16, 8 = the 8×8 middle block) UNet calls alternate without and
 with A1111's map hooks (``alignit.hosts.webui.a1111_maps``: the same ``MapRecorder`` Forge's patches feed), so the
-machine's drift cancels out; reported: the median per-step ratio on/off, the time spent recording (inside
+machine's drift cancels out; reported: the median per-step ratio on/off in CPU time (this process's threads; on a
+machine shared with other work, steadier than wall time, which is reported too), the CPU time spent recording (inside
 ``MapRecorder.match``/``add``) as a share of a step, and the memory the maps take: what the recorder holds, the
 largest slice of scores (with its softmax and head sum), and the q and k the hooks keep for one layer, against the
 UNet's parameters' bytes (float32 here; a half-precision UNet has half those bytes, and so have the kept q and k).
@@ -48,23 +49,23 @@ def filled(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 class Timed(MapRecorder):
-    """A recorder that adds up the time spent in it."""
+    """A recorder that adds up the CPU time spent in it."""
 
     spent = 0.0
 
     def match(self, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return super().match(*args, **kwargs)
         finally:
-            Timed.spent += time.perf_counter() - start
+            Timed.spent += time.process_time() - start
 
     def add(self, *args, **kwargs):
-        start = time.perf_counter()
+        start = time.process_time()
         try:
             return super().add(*args, **kwargs)
         finally:
-            Timed.spent += time.perf_counter() - start
+            Timed.spent += time.process_time() - start
 
 
 def recorder(cond: torch.Tensor) -> Timed:
@@ -77,13 +78,14 @@ def recorder(cond: torch.Tensor) -> Timed:
     return maps
 
 
-def step(unet: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, hooks: a1111_maps.MapHooks | None) -> float:
+def step(unet: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, hooks: a1111_maps.MapHooks | None) -> tuple[float, float]:
+    """One UNet step: (wall time, CPU time of this process's threads)."""
     if hooks is not None:
         hooks.denoiser_call(SimpleNamespace(text_cond=context[:1]))
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         unet(x, torch.full((x.shape[0],), 500), context=context)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def kept_bytes(unet: torch.nn.Module, levels: tuple[int, ...], latent: int) -> int:
@@ -119,7 +121,7 @@ def main() -> None:
     for choice in options.levels:
         levels = tuple(int(level) for level in choice.split(","))
         layers = sum(factor in levels for factor in attn2_factors(unet).values())
-        ratios, spent, off_times = [], [], []
+        walls, cpus, spent, off_times = [], [], [], []
         for pair in range(options.pairs):
             maps = recorder(cond)
             order = ("off", "on") if pair % 2 == 0 else ("on", "off")
@@ -131,15 +133,17 @@ def main() -> None:
                 if hooks is not None:
                     hooks.remove()
                     spent.append(Timed.spent)
-            ratios.append(times["on"] / times["off"])
-            off_times.append(times["off"])
+            walls.append(times["on"][0] / times["off"][0])
+            cpus.append(times["on"][1] / times["off"][1])
+            off_times.append(times["off"][1])
         off = statistics.median(off_times)
         transient = maps.largest_slice * 4 * 2 + maps.largest_slice // 8 * 4  # scores, softmax, their sum over heads
         kept = kept_bytes(unet, levels, options.latent)
         total = maps.held_bytes() + transient + kept
         print(
-            f"levels {choice} ({layers} layers): per-step ratio on/off {statistics.median(ratios):.4f} "
-            f"(median of {options.pairs} pairs; off {off:.2f} s), recording {statistics.median(spent) / off:.2%} of a step; "
+            f"levels {choice} ({layers} layers): per-step ratio on/off {statistics.median(cpus):.4f} in CPU time, "
+            f"{statistics.median(walls):.4f} in wall time (medians of {options.pairs} pairs; off {off:.2f} CPU s), "
+            f"recording {statistics.median(spent) / off:.2%} of a step's CPU time; "
             f"memory {total / 2**20:.2f} MiB = {total / unet_bytes:.3%} of the UNet's "
             f"(held {maps.held_bytes() / 2**10:.0f} KiB, slice {transient / 2**20:.2f} MiB, q and k kept {kept / 2**20:.2f} MiB)"
         )
