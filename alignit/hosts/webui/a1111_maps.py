@@ -143,10 +143,6 @@ class MapHooks:
         if self in _live:
             _live.remove(self)
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
 
 def _heads(attention: torch.nn.Module) -> int:
     heads = attention.heads  # ldm and sgm CrossAttention
