@@ -3,7 +3,7 @@
 The map of a word in one image: at every recorded cross-attention layer and sampling step, the attention
 probabilities ``softmax(q·kᵀ·scale)`` of the image's cond rows (never uncond), summed over heads and over the word's
 tokens (every occurrence), reshaped to the layer's h×w, upsampled to the latent's size, summed over layers and steps;
-normalised per word at the end.
+normalised per word at the end (from its minimum to its maximum, as DAAM draws them).
 
 Choices:
 - DAAM upsamples bicubically and clamps at 0; here the upsampling is bilinear, which keeps maps ≥ 0 and is linear,
@@ -286,7 +286,10 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def normalised(maps: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Each word's map divided by its maximum (or by ``scale``, one value per word), in [0, 1]."""
-    peak = maps.amax(dim=(-2, -1)) if scale is None else scale
-    return maps / peak.clamp_min(torch.finfo(maps.dtype).tiny)[:, None, None]
+def normalised(maps: torch.Tensor, low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> torch.Tensor:
+    """Each word's map from its minimum to its maximum (or from ``low`` to ``high``, one value each per word) mapped to
+    [0, 1], as DAAM draws them."""
+    low = maps.amin(dim=(-2, -1)) if low is None else low
+    high = maps.amax(dim=(-2, -1)) if high is None else high
+    span = (high - low).clamp_min(torch.finfo(maps.dtype).tiny)
+    return ((maps - low[:, None, None]) / span[:, None, None]).clamp(0, 1)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 OPACITY = 0.5
+MIN_WIDTH = 256
 
 
 def image_from_tensor(pixels: torch.Tensor) -> Image.Image:
@@ -42,26 +43,50 @@ def _font(size: int, font: Any = None) -> Any:
         return ImageFont.load_default()
 
 
+def band(text: str, width: int, font: Any = None) -> Image.Image:
+    """A white band ``width`` wide with ``text`` centred on it, the font shrunk (to 9 px at least) until it fits."""
+    size = max(12, width // 18)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, top, _, bottom = (int(value) for value in draw.textbbox((0, 0), "Ag", font=_font(size, font)))
+    height = bottom - top + size // 2
+    while True:
+        face = _font(size, font)
+        left, top, right, bottom = (int(value) for value in draw.textbbox((0, 0), text, font=face))
+        if right - left <= width - 4 or size <= 9:
+            break
+        size -= 1
+    out = Image.new("RGB", (width, height), "white")
+    position = ((width - (right - left)) // 2 - left, (height - (bottom - top)) // 2 - top)
+    ImageDraw.Draw(out).text(position, text, fill="black", font=face)
+    return out
+
+
+def _shown(image: Image.Image) -> Image.Image:
+    """The image at least ``MIN_WIDTH`` wide, for the pictures only."""
+    if image.width >= MIN_WIDTH:
+        return image.convert("RGB")
+    return image.convert("RGB").resize((MIN_WIDTH, round(image.height * MIN_WIDTH / image.width)), Image.Resampling.LANCZOS)
+
+
 def captioned(image: Image.Image, caption: str, font: Any = None) -> Image.Image:
     """The image with ``caption`` beneath it; ``font(size)`` gives the font (default: Pillow's own)."""
-    size = max(12, image.width // 20)
-    face = _font(size, font)
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = (int(value) for value in draw.textbbox((0, 0), caption, font=face))
-    out = Image.new("RGB", (image.width, image.height + bottom - top + size // 2), "white")
+    below = band(caption, image.width, font)
+    out = Image.new("RGB", (image.width, image.height + below.height), "white")
     out.paste(image.convert("RGB"), (0, 0))
-    position = ((image.width - (right - left)) // 2 - left, image.height + size // 4 - top)
-    ImageDraw.Draw(out).text(position, caption, fill="black", font=face)
+    out.paste(below, (0, image.height))
     return out
 
 
 def word_pictures(image: Image.Image, maps: torch.Tensor, captions: Sequence[str], font: Any = None) -> list[Image.Image]:
     """One captioned overlay per word; ``maps`` (words, h, w) normalised."""
-    return [captioned(overlay(image, heat), caption, font) for heat, caption in zip(maps, captions)]
+    shown = _shown(image)
+    return [captioned(overlay(shown, heat), caption, font) for heat, caption in zip(maps, captions)]
 
 
-def grid(rows: Sequence[Sequence[Image.Image]], gap: int = 4) -> Image.Image:
-    """The pictures in rows (each row as wide as its pictures), on white."""
+def grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str] = (), font: Any = None, gap: int = 4) -> Image.Image:
+    """The pictures in rows (each row as wide as its pictures), on white, under a row of column ``titles``."""
+    if titles:
+        rows = [[band(title, picture.width, font) for title, picture in zip(titles, rows[0])], *rows]
     width = max(sum(picture.width for picture in row) + gap * (len(row) - 1) for row in rows)
     height = sum(max(picture.height for picture in row) for row in rows) + gap * (len(rows) - 1)
     out = Image.new("RGB", (width, height), "white")

@@ -139,10 +139,11 @@ def test_nothing_recorded_gives_empty_maps_and_unknown_images_are_ignored():
     assert [m.shape for m in recorder.maps()] == [(0, 0, 0), (2, 0, 0)]
 
 
-def test_normalised_per_word_or_by_a_shared_scale():
-    maps = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]], [[4.0, 1.0]]])
-    assert normalised(maps).tolist() == [[[0.5, 1.0]], [[0.0, 0.0]], [[1.0, 0.25]]]
-    assert normalised(maps, torch.tensor([4.0, 1.0, 8.0])).tolist() == [[[0.25, 0.5]], [[0.0, 0.0]], [[0.5, 0.125]]]
+def test_normalised_per_word_or_on_a_shared_scale():
+    maps = torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]], [[4.0, 0.0]]])
+    assert normalised(maps).tolist() == [[[0.0, 1.0]], [[0.0, 0.0]], [[1.0, 0.0]]]
+    low, high = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([4.0, 4.0, 8.0])
+    assert normalised(maps, low, high).tolist() == [[[0.25, 0.75]], [[0.5, 0.5]], [[0.5, 0.0]]]
 
 
 def test_pictures():
@@ -153,9 +154,11 @@ def test_pictures():
     left, right = over.getpixel((0, 24)), over.getpixel((63, 24))
     assert left == (128, 128, 191) and right == (191, 128, 128)  # jet's dark blue and dark red, half opaque over white
     assert map_pictures.jet(torch.tensor([0.5])).tolist() == [[0.5, 1.0, 0.5]]
-    pictures = map_pictures.word_pictures(image, torch.zeros(2, 3, 3), ["cat", "racket"])
-    assert len(pictures) == 2 and pictures[0].width == 64 and pictures[0].height > 48
-    grid = map_pictures.grid([pictures, pictures])
-    assert grid.size == (2 * 64 + 4, 2 * pictures[0].height + 4)
+    pictures = map_pictures.word_pictures(image, torch.zeros(2, 3, 3), ["cat", "a caption far too long for the picture's width"])
+    assert len(pictures) == 2 and pictures[0].size == pictures[1].size  # shown at least 256 wide, the long caption shrunk
+    assert pictures[0].width == 256 and pictures[0].height > 192
+    grid = map_pictures.grid([pictures, pictures], ("AlignIT", "without AlignIT"))
+    title = map_pictures.band("AlignIT", 256)
+    assert grid.size == (2 * 256 + 4, title.height + 2 * pictures[0].height + 2 * 4)
     back = map_pictures.image_from_tensor(torch.full((3, 2, 2), 0.5))
     assert back.size == (2, 2) and back.getpixel((0, 0)) == (128, 128, 128)

@@ -120,10 +120,10 @@ def host(request, text_model, tokenizer, vectors, tmp_path, monkeypatch):
     aliases = {"ohwx_lora": SimpleNamespace(filename=str(tmp_path / "ohwx_lora.safetensors"))}
     monkeypatch.setattr(networks, "available_network_aliases", aliases)
     if request.param == "a1111":
+        database = sd_hijack.EmbeddingDatabase()
+        sd_hijack.model_hijack.embedding_db = database  # before the model: its encoder keeps the database it finds
         model = FakeModel(text_model, tokenizer, unet)
         monkeypatch.setattr(shared, "sd_model", model)
-        database = sd_hijack.EmbeddingDatabase()
-        sd_hijack.model_hijack.embedding_db = database
         database.register_embedding(sd_hijack.Embedding(vectors(2), "sks"), model.cond_stage_model.tokenize(["sks"])[0])
         Processing.cached_c, Processing.cached_uc = [None, None], [None, None]
 
@@ -223,6 +223,7 @@ def test_a_word_whose_key_dominates_every_query_has_the_largest_map_everywhere(h
         # The splice gives the concept two rows where the class word had one: the words after it move down a row.
         (SKS, "a photo of {} in a garden with badminton", {"cat": [4, 5], "photo": [2], "garden": [8], "badminton": [10]}),
     ],
+    ids=["embedding", "lora", "words-after-a-longer-splice"],
 )
 def test_maps_sum_as_defined(host, concept, prompt, rows):
     calls: list[Call] = []

@@ -46,7 +46,7 @@ log = logging.getLogger("alignit")
 
 MAPS_ATTRIBUTE = "alignit_maps"
 NESTED_ATTRIBUTE = "alignit_plain_run"  # set on the copy of ``p`` that renders "compare"'s plain run
-PLAIN_CAPTION = "{} (without AlignIT)"
+COLUMNS = ("AlignIT", "without AlignIT")
 
 
 class MapsMechanism(Protocol):
@@ -362,11 +362,11 @@ def show(p: Any, processed: Any, arguments: tuple[int, int], message: Callable[[
                 pictures.append((plain_images[plain_first + index], plain_info))
             if result.image is None or other.image is None or result.words != other.words:
                 continue
-            scale = torch.maximum(result.maps.amax(dim=(-2, -1)), other.maps.amax(dim=(-2, -1)))
-            aligned = map_pictures.word_pictures(result.image, normalised(result.maps, scale), result.captions, _font)
-            captions = [PLAIN_CAPTION.format(caption) for caption in other.captions]
-            without = map_pictures.word_pictures(other.image, normalised(other.maps, scale), captions, _font)
-            pictures.append((map_pictures.grid(list(zip(aligned, without))), info))
+            both = torch.stack([result.maps, other.maps])
+            low, high = both.amin(dim=(0, -2, -1)), both.amax(dim=(0, -2, -1))  # one scale per word, for both runs
+            aligned = map_pictures.word_pictures(result.image, normalised(result.maps, low, high), result.captions, _font)
+            without = map_pictures.word_pictures(other.image, normalised(other.maps, low, high), other.captions, _font)
+            pictures.append((map_pictures.grid(list(zip(aligned, without)), COLUMNS, _font), info))
     processed.images.extend(picture for picture, _ in pictures)
     if isinstance(getattr(processed, "infotexts", None), list):
         processed.infotexts.extend(info for _, info in pictures)
