@@ -232,6 +232,15 @@ def test_maps_sum_as_defined(host, concept, prompt, rows):
     assert_maps(p, expected_maps(calls, [rows]))
 
 
+def test_the_hires_pass_adds_to_the_maps(host):
+    calls: list[Call] = []
+    hires = [PROMPT.format("sks") + " in the snow"]
+    p = host.run([PROMPT.format("sks")], maps_args(SKS), calls, steps=2, hr_prompts=hires, hr_steps=2)
+    assert len(p.sampled) == 2 and len({call.layer for call in calls if call.q.shape[1] in RECORDED}) == 10
+    assert "AlignIT warning" not in p.extra_generation_params, p.extra_generation_params
+    assert_maps(p, expected_maps(calls, [{"cat": [9, 10], **ROWS}]))
+
+
 def test_each_image_of_a_batch_gets_its_own_words_and_rows(host):
     """Two prompts in one batch, a negative prompt two chunks long: A1111 runs cond and uncond in separate calls, Forge
     tiles the cond to the uncond's length (each copy counts)."""
