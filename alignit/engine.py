@@ -15,7 +15,7 @@ from .kv import ConceptRows, Delta, Key, MarkedChunk, Projection
 from .layout import CHUNK_ROWS, Chunk, LayoutOptions, Span, Tokenizer, layout_prompt
 from .prompt import MARK_OPEN, strip_markers
 from .schedule import refine_schedule
-from .splice import dummy_chunk, splice_chunk
+from .splice import Origin, dummy_chunk, splice_chunk, splice_order
 
 Cond = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -183,8 +183,7 @@ class Splicer:
         out = rows.clone()
         strengths = [concept.strength for concept in self.options.concepts]
         for i, chunk in enumerate(chunks):
-            # At strength 0 a concept is the class word: its span keeps p's rows, whatever their count.
-            spans = {span: self.concept_rows(chunk, span) for span in chunk.spans if strengths[span.concept]}
+            spans = self._spliced_spans(chunk)
             if not spans:
                 continue
             window = slice(i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS)
@@ -197,6 +196,20 @@ class Splicer:
                     f"{spliced.dropped_concept_rows} concept vector(s) left out"
                 )
         return out
+
+    def _spliced_spans(self, chunk: Chunk) -> dict[Span, torch.Tensor]:
+        """The concept rows each span of the chunk gets. At strength 0 a concept is the class word: its span keeps p's
+        rows, whatever their count."""
+        strengths = [concept.strength for concept in self.options.concepts]
+        return {span: self.concept_rows(chunk, span) for span in chunk.spans if strengths[span.concept]}
+
+    def row_origins(self, marked_text: str) -> list[list[Origin]]:
+        """Per chunk of a prepared prompt text, where each row of its spliced conditioning comes from (``splice``'s
+        order)."""
+        return [
+            splice_order(chunk, {span: len(rows) for span, rows in self._spliced_spans(chunk).items()})[0]
+            for chunk in self.layout(marked_text)
+        ]
 
     def align_schedule(self, schedule: Sequence[tuple[int, Cond]], marked: Sequence[tuple[int, str]]) -> list[tuple[int, Cond]]:
         """AlignIT's version of one prompt's schedule ``[(end_at_step, cond)]``, given the marked texts of its entries.

@@ -27,6 +27,27 @@ def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
     return found
 
 
+def attn2_factors(unet: torch.nn.Module) -> dict[str, int]:
+    """Every cross-attention layer of an ldm-layout UNet (A1111's, Forge's) by path, with how many times smaller than
+    the latent its input is (each ``Downsample`` of the input blocks doubles it, each ``Upsample`` of the output blocks
+    halves it after that block)."""
+    found: dict[str, int] = {}
+    factor = 1
+    for part in ("input_blocks", "middle_block", "output_blocks"):
+        blocks = getattr(unet, part)
+        for index, block in enumerate(blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]):
+            prefix = f"{part}.{index}" if isinstance(blocks, torch.nn.ModuleList) else part
+            for name, _ in block.named_modules():
+                if name.endswith("attn2"):
+                    found[f"{prefix}.{name}"] = factor
+            kinds = {type(module).__name__ for module in block.modules()}
+            if "Downsample" in kinds and part == "input_blocks":
+                factor *= 2
+            if "Upsample" in kinds and part == "output_blocks":
+                factor //= 2
+    return found
+
+
 def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
     """What each projection computes for some rows now (with whatever the host merged into it), without hooks."""
 
@@ -57,7 +78,11 @@ class KVInjector:
         self.is_current = is_current
         self.error: str | None = None
         self.reached: set[Key] = set()
-        self._handles = [modules[key].register_forward_hook(self._hook(key)) for key in self.rewriter.layers if key in modules]
+        # First among the projection's forward hooks: whoever else watches to_k/to_v (the attention maps) sees the
+        # rewritten keys/values.
+        self._handles = [
+            modules[key].register_forward_hook(self._hook(key), prepend=True) for key in self.rewriter.layers if key in modules
+        ]
 
     def _hook(self, key: Key):
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ _INDEX_BASE = 0xE100
 _MAX_CONCEPTS = 0x100
 
 # Extra-network tags (<lora:name:1>, <hypernet:...>) are the WebUI's, never a trigger site.
-_EXTRA_NETWORK = re.compile(r"<[^<>:\s]+:[^<>]*>")
+EXTRA_NETWORK = re.compile(r"<[^<>:\s]+:[^<>]*>")
 _MARKED = re.compile(f"{MARK_OPEN}([{chr(_INDEX_BASE)}-{chr(_INDEX_BASE + _MAX_CONCEPTS - 1)}])(.*?){MARK_CLOSE}", re.S)
 _MARKERS = re.compile(f"[{MARK_OPEN}{MARK_CLOSE}{chr(_INDEX_BASE)}-{chr(_INDEX_BASE + _MAX_CONCEPTS - 1)}]")
 
@@ -58,7 +58,7 @@ def rewrite_prompt(prompt: str, concepts: Sequence[Concept]) -> Rewrite:
 
     order = sorted(range(len(concepts)), key=lambda i: -len(concepts[i].trigger))
     pattern = re.compile("|".join(f"(?P<c{i}>{_trigger_pattern(concepts[i].trigger)})" for i in order), re.I)
-    protected = [m.span() for m in _EXTRA_NETWORK.finditer(prompt)]
+    protected = [m.span() for m in EXTRA_NETWORK.finditer(prompt)]
 
     plain_parts: list[str] = []
     marked_parts: list[str] = []

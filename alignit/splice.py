@@ -7,7 +7,7 @@ WebUI does when it stacks conditionings of different lengths. Every row that is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,31 +71,23 @@ def _class_rows_for(rows: torch.Tensor, span: Span, count: int) -> torch.Tensor:
     return rows[index]
 
 
-def splice_chunk(
-    rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torch.Tensor], strengths: Sequence[float] = ()
-) -> SplicedChunk:
-    """Replace each span's rows of ``rows`` (77 x C, p's encoding of ``chunk``) by its concept rows.
+Origin = tuple[Span | None, int]
+"""Where a row of a spliced chunk comes from: ``(None, row of p)`` or ``(span, index into the span's concept rows)``."""
 
-    Spans missing from ``concept_rows`` keep p's rows. ``strengths[concept]`` < 1 blends towards the class word's rows.
-    """
-    blocks: list[torch.Tensor] = [rows]
-    spans: list[Span | None] = [None]
-    order: list[tuple[int, int, bool]] = []  # (block, row, removable padding)
-    starts = {span.start: span for span in concept_rows}
+
+def splice_order(chunk: Chunk, counts: Mapping[Span, int]) -> tuple[list[Origin], int]:
+    """The origin of each of the 77 rows of ``chunk`` once each span of ``counts`` holds that many concept rows, and
+    how many concept rows did not fit."""
+    order: list[tuple[Span | None, int, bool]] = []  # (span, row, removable padding)
+    starts = {span.start: span for span in counts}
     row = 0
     while row < CHUNK_ROWS:
         span = starts.get(row)
         if span is None:
-            order.append((0, row, chunk.tags[row] == PAD))
+            order.append((None, row, chunk.tags[row] == PAD))
             row += 1
             continue
-        concept = concept_rows[span].to(rows)
-        strength = strengths[span.concept] if span.concept < len(strengths) else 1.0
-        if strength != 1.0 and len(concept):
-            concept = torch.lerp(_class_rows_for(rows, span, len(concept)), concept, strength)
-        blocks.append(concept)
-        spans.append(span)
-        order += [(len(blocks) - 1, j, False) for j in range(len(concept))]
+        order += [(span, j, False) for j in range(counts[span])]
         row += span.length
 
     dropped = 0
@@ -104,19 +96,35 @@ def splice_chunk(
         if pads:
             del order[pads[-1]]
             continue
-        last_concept = max(i for i, (block, _, _) in enumerate(order) if block)
+        last_concept = max(i for i, (span, _, _) in enumerate(order) if span is not None)
         del order[last_concept]
         dropped += 1
     order += [order[-1]] * (CHUNK_ROWS - len(order))
+    return [(span, j) for span, j, _ in order], dropped
 
-    offsets = [0]
-    for rows_of_block in blocks:
-        offsets.append(offsets[-1] + len(rows_of_block))
-    stacked = torch.cat(blocks)
-    index = torch.tensor([offsets[block] + j for block, j, _ in order], device=rows.device)
+
+def splice_chunk(
+    rows: torch.Tensor, chunk: Chunk, concept_rows: dict[Span, torch.Tensor], strengths: Sequence[float] = ()
+) -> SplicedChunk:
+    """Replace each span's rows of ``rows`` (77 x C, p's encoding of ``chunk``) by its concept rows.
+
+    Spans missing from ``concept_rows`` keep p's rows. ``strengths[concept]`` < 1 blends towards the class word's rows.
+    """
+    blocks: list[torch.Tensor] = [rows]
+    offsets: dict[Span | None, int] = {None: 0}
+    start = len(rows)
+    for span, concept in concept_rows.items():
+        concept = concept.to(rows)
+        strength = strengths[span.concept] if span.concept < len(strengths) else 1.0
+        if strength != 1.0 and len(concept):
+            concept = torch.lerp(_class_rows_for(rows, span, len(concept)), concept, strength)
+        blocks.append(concept)
+        offsets[span] = start
+        start += len(concept)
+    order, dropped = splice_order(chunk, {span: len(concept) for span, concept in concept_rows.items()})
+    index = torch.tensor([offsets[origin] + j for origin, j in order], device=rows.device)
     placed: dict[Span, list[tuple[int, int]]] = {span: [] for span in concept_rows}
-    for position, (block, j, _) in enumerate(order):
-        span = spans[block]
-        if span is not None:
-            placed[span].append((position, j))
-    return SplicedChunk(stacked.index_select(0, index), dropped, placed)
+    for position, (origin, j) in enumerate(order):
+        if origin is not None:
+            placed[origin].append((position, j))
+    return SplicedChunk(torch.cat(blocks).index_select(0, index), dropped, placed)

@@ -84,14 +84,30 @@ class AlignITScript(scripts.Script):
                     elem_id=f"alignit_{tab}_lora_scope",
                 )
                 refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
+            maps = self.maps_ui(tab)
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
         refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
         enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
 
-        components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
+        components = [enabled, step_start, step_end, placeholder, lora_scope, *rows, *maps]
         self.infotext_fields = [PasteField(component, alignit_args.PASTE_KEY.format(i)) for i, component in enumerate(components)]
         self.paste_field_names = []
         return components
+
+    def maps_ui(self, tab: str) -> list:
+        """The attention maps' group: on, compare with a plain run, the words."""
+        with gr.Group(elem_id=f"alignit_{tab}_maps"):
+            with gr.Row():
+                maps = gr.Checkbox(False, label="Attention maps", elem_id=f"alignit_{tab}_maps_on")
+                compare = gr.Checkbox(
+                    False, label="Compare with plain (AlignIT off, same seed)", elem_id=f"alignit_{tab}_maps_compare"
+                )
+                words = gr.Textbox(
+                    label="Map words (comma-separated; empty: the class word and the prompt's content words, at most 8)",
+                    max_lines=1,
+                    elem_id=f"alignit_{tab}_maps_words",
+                )
+        return [maps, compare, words]
 
     def process(self, p, *args) -> None:
         webui.process(p, HOST, args)
@@ -106,7 +122,10 @@ class AlignITScript(scripts.Script):
         webui.before_sampling(p, kwargs.get("c"))
 
     def postprocess_batch(self, p, *args, **kwargs) -> None:
-        webui.finish_batch(p)
+        webui.finish_batch(p, kwargs.get("images"))
+
+    def postprocess(self, p, processed, *args) -> None:
+        webui.finish(p, processed, (self.args_from, self.args_to))
 
 
 def on_ui_settings() -> None:

@@ -14,7 +14,8 @@ The sampler (backend/sampling/sampling_function.py 160-257) batches uncond and c
 uncond first, with ``cond_or_uncond`` ([1, 0]) in ``transformer_options``; contexts of unequal lengths are tiled to
 their LCM (condition.py 45-72). The ldm UNet's cross-attention runs as Forge's ``BasicTransformerBlock._forward``
 (backend/nn/unet.py 236-259): the ``attn2_patch`` list on ``(n, context, value)``, then the replace patch of
-``(block, id, transformer index)`` or ``(block, id)`` on the projected ``q, k, v``."""
+``(block, id, transformer index)`` or ``(block, id)`` on the projected ``q, k, v``; the options carry the UNet
+input's shape (``original_shape``, unet.py 697)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 
 import torch
 import webui_flow
+from backend import attention
 from backend.patcher.base import ModelPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 from modules import prompt_parser, shared
@@ -110,7 +112,7 @@ class FakeForgeSDXLModel(FakeForgeModel):
 
 
 def _forge_attn2(module, block, index, transformer_options, x, context=None, mask=None):
-    """backend/nn/unet.py 236-259 for one ldm ``CrossAttention``."""
+    """backend/nn/unet.py 236-259 for one ldm ``CrossAttention``, which attends as Forge's own does."""
     patches = transformer_options.get("patches", {})
     replace = transformer_options.get("patches_replace", {}).get("attn2", {})
     extra = {k: v for k, v in transformer_options.items() if k not in ("patches", "patches_replace")}
@@ -121,11 +123,11 @@ def _forge_attn2(module, block, index, transformer_options, x, context=None, mas
         for patch in patches["attn2_patch"]:
             n, context, value = patch(n, context, value, extra)
     key = (block[0], block[1], index) if (block[0], block[1], index) in replace else block
-    if key not in replace:
-        return type(module).forward(module, n, context=context)
     value = context if value is None else value
-    out = replace[key](module.to_q(n), module.to_k(context), module.to_v(value), extra)
-    return module.to_out(out)
+    q, k, v = module.to_q(n), module.to_k(context), module.to_v(value)
+    if key not in replace:  # Forge's own CrossAttention.forward (unet.py 145-155)
+        return module.to_out(attention.attention_function(q, k, v, module.heads))
+    return module.to_out(replace[key](q, k, v, extra))
 
 
 @contextlib.contextmanager
@@ -175,9 +177,9 @@ class ForgeProcessing(Processing):
             uncond = crossattn(prompt_parser.reconstruct_cond_batch(self.uc, step))
             length = math.lcm(cond.shape[1], uncond.shape[1])
             context = torch.cat([uncond.repeat(1, length // uncond.shape[1], 1), cond.repeat(1, length // cond.shape[1], 1)])
-            options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0])
-            self.seen_options.append(options)
             x = torch.randn(context.shape[0], 4, 8, 8, generator=torch.Generator().manual_seed(step))
+            options = dict(patcher.model_options["transformer_options"], cond_or_uncond=[1, 0], original_shape=list(x.shape))
+            self.seen_options.append(options)
             with torch.inference_mode(), forge_attention(patcher.model.diffusion_model, options):  # as Forge samples
                 outputs.append(patcher.model.diffusion_model(x, torch.full((context.shape[0],), 500), context=context))
             outputs.append(cond)

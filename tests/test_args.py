@@ -33,7 +33,7 @@ def test_dict_form_and_defaults():
         ([{"enabled": True, "concepts": [["<sks>", 5]]}], "must be text"),
         ([{"enabled": True, "concepts": [{"trigger": "x", "klass": "y"}]}], "unknown field"),
         ([{"enabled": True, "steps": 3}], "unknown AlignIT argument"),
-        ([True, 0, 1, "*", "kv", *["x"] * 20], "at most 17 arguments"),
+        ([True, 0, 1, "*", "kv", *["x"] * 20], "at most 20 arguments"),
         ([True, 0, 1, None, ["kv"]], "'lora_scope' must be text"),
     ],
 )
@@ -134,3 +134,25 @@ def test_a_paste_reads_the_fields_once_and_a_bad_one_keeps_the_fields(caplog):
     plain = {"Prompt": "a cat"}
     args.paste(plain)
     assert plain[args.PASTE_KEY.format(0)] is False  # an infotext without AlignIT turns it off
+
+
+def test_maps_arguments_positional_dict_and_infotext():
+    rows = ["<sks>", "cat", "", 1.0] + ["", "", "", 1.0] * (args.ROWS - 1)
+    positional = [True, 0.0, 1.0, "*", "kv", *rows, True, True, " cat, racket "]
+    assert args.parse_maps(positional) == args.MapSettings(True, True, "cat, racket")
+    assert args.parse_maps(positional[:-3]) == args.MapSettings()  # an older caller without the maps' arguments
+    assert args.parse_maps([{"enabled": True, "maps": "true"}]) == args.MapSettings(True, False, "")
+    assert args.parse_args([{"enabled": True, "maps": True, "maps_words": "x"}])[0] is True
+    with pytest.raises(ConceptError, match="'maps' must be true or false"):
+        args.parse_maps([{"maps": "yes"}])
+    with pytest.raises(ConceptError, match="'maps_words' must be text"):
+        args.parse_maps([{"maps": True, "maps_words": ["cat"]}])
+    assert args.maps_infotext(args.MapSettings()) == {}
+    assert args.maps_infotext(args.MapSettings(True)) == {"AlignIT maps": "on"}
+    assert args.maps_infotext(args.MapSettings(True, True, "cat, racket")) == {"AlignIT maps": "compare, words: cat, racket"}
+    pasted = args.from_infotext({"AlignIT 1": "<sks> → cat", "AlignIT maps": "compare, words: cat, racket"})
+    assert pasted[-3:] == [True, True, "cat, racket"] and args.parse_maps(pasted) == args.MapSettings(True, True, "cat, racket")
+    assert args.from_infotext({"AlignIT maps": "on"})[-3:] == [True, False, ""]
+    assert args.from_infotext({})[-3:] == [False, False, ""]
+    with pytest.raises(ConceptError, match="is not 'on' or 'compare'"):
+        args.from_infotext({"AlignIT maps": "sometimes"})

@@ -4,10 +4,11 @@ Mirrors modules/processing.py: ``process`` (915) → per batch: prompts sliced (
 extra networks parsed and activated (957-961; the Lora extension patches the weights in place with a backup),
 ``process_batch`` (964), ``setup_conds`` (966, with ``get_conds_with_caching`` 460-491 and the class-level caches),
 ``process_before_every_sampling`` (1338) and sampling, hires pass: ``calculate_hr_conds`` (1499-1511) then
-``process_before_every_sampling`` again (1446), then ``postprocess_batch`` (1017). The sampler asks
-``reconstruct_multicond_batch`` and ``reconstruct_cond_batch`` for the conditioning of every step and runs the UNet
-on cond ‖ uncond in one batch when their lengths agree, else separately (sd_samplers_cfg_denoiser.py 168-169,
-232-250)."""
+``process_before_every_sampling`` again (1446), then ``postprocess_batch`` (1017) with the decoded images; after every
+batch ``postprocess`` (1149) with the ``Processed`` result. The sampler asks ``reconstruct_multicond_batch`` and
+``reconstruct_cond_batch`` for the conditioning of every step, calls the ``cfg_denoiser`` callbacks (214) and runs the
+UNet on cond ‖ uncond in one batch when their lengths agree, else separately (sd_samplers_cfg_denoiser.py 168-169,
+232-250). A nested ``processing.process_images`` (what "compare" runs) is this same flow."""
 
 from __future__ import annotations
 
@@ -19,9 +20,18 @@ from typing import Any, TypeVar
 import network
 import networks
 import torch
-from modules import extra_networks, prompt_parser, sd_hijack, sd_hijack_clip, sd_hijack_open_clip, shared  # the contract
+from modules import (  # the contract (tests/contract)
+    extra_networks,
+    processing,
+    prompt_parser,
+    script_callbacks,
+    sd_hijack,
+    sd_hijack_clip,
+    sd_hijack_open_clip,
+    shared,
+)
 
-from alignit.hosts.webui import a1111, flow
+from alignit.hosts.webui import a1111, flow, maps
 from alignit.kv_hooks import attn2_modules
 from alignit.sources.lora import load_lora
 
@@ -76,9 +86,17 @@ class Processing:
     cached_hr_c = [None, None]
 
     def __init__(self, prompts, steps=10, batch_size=1, negative="", hr_prompts=None, hr_steps=None, sampler_name="Euler"):
+        self.prompt, self.negative_prompt = list(prompts), negative
+        self.hr_prompt = self.hr_negative_prompt = None
         self.all_prompts = list(prompts)
         self.all_negative_prompts = [negative] * len(prompts)
         self.all_hr_prompts = list(hr_prompts) if hr_prompts else None
+        self.all_hr_negative_prompts = [negative] * len(prompts) if hr_prompts else None
+        self.seed = self.subseed = -1
+        self.all_seeds = self.all_subseeds = list(range(len(prompts)))
+        self.styles: list[str] = []
+        self.do_not_save_samples = self.do_not_save_grid = False
+        self.script_args: list = []
         self.enable_hr = hr_prompts is not None
         self.hr_second_pass_steps = hr_steps or 0
         self.hr_sampler_name = None
@@ -98,6 +116,19 @@ class Processing:
 
     def comment(self, text):
         self.comments[text] = 1
+
+    def setup_prompts(self):
+        """processing.py 418-435, 1474-1497: a list given as the prompt (what "compare" pins) is taken as it is."""
+        if isinstance(self.prompt, list):
+            self.all_prompts = self.prompt
+        if isinstance(self.negative_prompt, list):
+            self.all_negative_prompts = self.negative_prompt
+        if isinstance(self.hr_prompt, list):
+            self.all_hr_prompts = self.hr_prompt
+        if isinstance(self.hr_negative_prompt, list):
+            self.all_hr_negative_prompts = self.hr_negative_prompt
+        if isinstance(self.seed, list):
+            self.all_seeds = self.seed
 
     def _cached(self, function, prompts, steps, caches, hires_steps=None):
         key = (tuple(prompts), steps, hires_steps, shared.opts.emphasis, id(shared.sd_model))  # 448: checkpoint info
@@ -138,11 +169,28 @@ class Processing:
             unet = shared.sd_model.unet
             if unet is None:
                 continue
-            tensor, uncond = crossattn(cond), crossattn(prompt_parser.reconstruct_cond_batch(self.uc, step))
+            uncond_cond = prompt_parser.reconstruct_cond_batch(self.uc, step)
+            params = script_callbacks.CFGDenoiserParams(None, None, None, step, steps, cond, uncond_cond)
+            script_callbacks.cfg_denoiser_callback(params)
+            tensor, uncond = crossattn(cond), crossattn(uncond_cond)
             contexts = [torch.cat([tensor, uncond])] if tensor.shape[1] == uncond.shape[1] else [tensor, uncond]
             with torch.no_grad():
                 outputs.append(torch.cat([run_unet(unet, context, step) for context in contexts]))
         self.sampled.append(outputs)
+
+
+class Processed:
+    """modules/processing.py ``Processed``: the images (a grid first when ``index_of_first_image`` is 1) and their
+    infotexts, as ``postprocess`` receives them."""
+
+    def __init__(self, images, infotexts):
+        self.images, self.infotexts, self.index_of_first_image = images, infotexts, 0
+
+
+def decoded(p, batch: int) -> torch.Tensor:
+    """The batch's images as ``postprocess_batch`` gets them: (B, 3, H, W) in [0, 1] (here a plain grey per seed)."""
+    seeds = p.all_seeds[batch * p.batch_size : (batch + 1) * p.batch_size]
+    return torch.stack([torch.full((3, 32, 32), 0.25 + 0.5 * (seed % 2)) for seed in seeds])
 
 
 def crossattn(cond):
@@ -211,12 +259,18 @@ P = TypeVar("P", bound=Processing)
 
 
 def generate(p: P, script_args=None, order: Order | None = None) -> P:
-    """One txt2img run; ``script_args`` None means the extension is not installed at all."""
+    """One txt2img run; ``script_args`` None means the extension is not installed at all. A nested run of ``p``'s copy
+    (``processing.process_images``) goes through the same order; ``p.processed`` is the result ``postprocess`` saw."""
     order = order or Order()
-    shared.state.job_timestamp = str(next(_jobs))
+    processing.runner = lambda nested: generate(nested, nested.script_args, order).processed
+    if not getattr(p, maps.NESTED_ATTRIBUTE, False):  # a nested run belongs to the job that runs it
+        shared.state.job_timestamp = str(next(_jobs))
+    p.sampled = []
+    p.setup_prompts()
     hooks = script_args is not None
     if hooks:
-        flow.process(p, order.host, script_args)
+        p.script_args = list(script_args)
+        flow.process(p, order.host, p.script_args)
     for n in range(0, len(p.all_prompts), p.batch_size):
         order.batch_start(p)
         p.prompts = p.all_prompts[n : n + p.batch_size]
@@ -246,5 +300,8 @@ def generate(p: P, script_args=None, order: Order | None = None) -> P:
                 p.sample(p.hr_c, p.hr_second_pass_steps or p.steps)
                 p.is_hr_pass = False
         if hooks:
-            flow.finish_batch(p)
+            flow.finish_batch(p, decoded(p, n // p.batch_size))
+    p.processed = Processed([f"image {i}" for i in range(len(p.all_prompts))], [f"info {i}" for i in range(len(p.all_prompts))])
+    if hooks:
+        flow.finish(p, p.processed, (0, len(p.script_args)))
     return p

@@ -7,16 +7,17 @@ retire themselves (they check the job) or are removed when the next generation b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from modules import shared
 
+from ...attention_maps import MapRecorder
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...errors import NotLoaded, Unsupported
 from ...kv_hooks import KVInjector
-from . import a1111_sources
+from . import a1111_maps, a1111_sources
 from .a1111_encoder import A1111Encoder
 
 _live_injectors: list[KVInjector] = []
@@ -42,6 +43,7 @@ class A1111Host:
 
     def begin(self) -> None:
         retire_hooks()
+        a1111_maps.retire()
 
     def encoder(self) -> TextEncoder:
         if shared.sd_model is None:
@@ -70,6 +72,13 @@ class A1111Host:
         )
         _live_injectors.append(injector)
         return injector
+
+    def install_maps(self, p: Any, recorder: MapRecorder, cond_items: Sequence[int]) -> a1111_maps.MapHooks:
+        a1111_maps.retire()
+        job = shared.state.job_timestamp
+        return a1111_maps.MapHooks(
+            shared.sd_model.model.diffusion_model, recorder, cond_items, is_current=lambda: shared.state.job_timestamp == job
+        )
 
     def source_choices(self) -> list[str]:
         return a1111_sources.source_choices()

@@ -2,12 +2,13 @@
 
 API callers pass ``"alwayson_scripts": {"AlignIT": {"args": [...]}}`` either positionally (the UI order:
 ``enabled, step_start, step_end, placeholder, lora_scope``, then per concept row ``trigger, class word, source,
-strength``) or as one dict: ``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat", 1.0]], "step_end": 0.8}``.
+strength``, then ``maps, maps_compare, maps_words``) or as one dict:
+``{"enabled": true, "concepts": [["<sks>", "cat", "my-cat", 1.0]], "step_end": 0.8, "maps": true}``.
 A source is an embedding's name, ``lora:NAME[:WEIGHT]`` or ``cd:NAME``.
 
 Infotext, one readable field per concept that was applied, as other extensions write theirs::
 
-    AlignIT 1: "<sks> → cat, source: my-cat, strength: 0.8", AlignIT steps: 0-0.6
+    AlignIT 1: "<sks> → cat, source: my-cat, strength: 0.8", AlignIT steps: 0-0.6, AlignIT maps: "compare, words: cat, racket"
 
 (``AlignIT: "[[…]]"``, the JSON list written by AlignIT 0.1, is still read.)
 """
@@ -18,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ...concepts import Concept, Options
@@ -34,23 +35,37 @@ SCALARS = ("enabled", "step_start", "step_end", "placeholder", "lora_scope")
 DEFAULTS: dict[str, Any] = {"enabled": False, "step_start": 0.0, "step_end": 1.0, "placeholder": "*", "lora_scope": "kv"}
 ROW_FIELDS = ("trigger", "class_word", "source", "strength")
 ROW_DEFAULTS: tuple[Any, ...] = ("", "", "", 1.0)
-ARG_COUNT = len(SCALARS) + len(ROW_FIELDS) * ROWS
+MAP_FIELDS = ("maps", "maps_compare", "maps_words")
+MAP_DEFAULTS: tuple[Any, ...] = (False, False, "")
+MAPS_AT = len(SCALARS) + len(ROW_FIELDS) * ROWS
+ARG_COUNT = MAPS_AT + len(MAP_FIELDS)
 
 PASTE_KEY = "AlignIT paste {}"
 """Where a paste leaves each UI field's value in the WebUI's parsed infotext (read by the fields' ``PasteField``)."""
 KEY_LEGACY = "AlignIT"
+KEY_MAPS = "AlignIT maps"
 _CONCEPT_KEY = re.compile(r"^AlignIT (\d+)$")
+_MAPS_TEXT = re.compile(r"^(?P<mode>on|compare)(?:, words: (?P<words>.*))?$")
 _CONCEPT_TEXT = re.compile(
     rf"^(?P<trigger>.+?){ARROW}(?P<class_word>.+?)(?:, source: (?P<source>.+?))?(?:, strength: (?P<strength>[-+\d.eE]+))?$"
 )
 
 
-def _flag(value: Any) -> bool:
+@dataclass(frozen=True)
+class MapSettings:
+    """The attention-maps option: on, with AlignIT off beside it ("compare"), and the words named (empty: defaults)."""
+
+    on: bool = False
+    compare: bool = False
+    words: str = ""
+
+
+def _flag(value: Any, name: str = "enabled") -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ConceptError(f"'enabled' must be true or false, not {value!r}")
+    raise ConceptError(f"'{name}' must be true or false, not {value!r}")
 
 
 def _number(name: str, value: Any) -> float:
@@ -86,7 +101,7 @@ def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
     """
     if args and isinstance(args[0], Mapping):
         given = args[0]
-        unknown = set(given) - {*SCALARS, "concepts"}
+        unknown = set(given) - {*SCALARS, "concepts", *MAP_FIELDS}
         if unknown:
             raise ConceptError(f"unknown AlignIT argument(s) {', '.join(sorted(map(str, unknown)))}")
         values = {key: given.get(key, DEFAULTS[key]) for key in SCALARS}
@@ -99,7 +114,7 @@ def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
         padded = [*args, *[None] * (ARG_COUNT - len(args))]
         values = {key: DEFAULTS[key] if value is None else value for key, value in zip(SCALARS, padded)}
         width = len(ROW_FIELDS)
-        rows = [padded[i : i + width] for i in range(len(SCALARS), ARG_COUNT, width)]
+        rows = [padded[i : i + width] for i in range(len(SCALARS), MAPS_AT, width)]
     concepts = tuple(concept for index, row in enumerate(rows, 1) if (concept := _concept(index, row)) is not None)
     for key in ("placeholder", "lora_scope"):
         if not isinstance(values[key], str):
@@ -112,6 +127,30 @@ def parse_args(args: Sequence[Any]) -> tuple[bool, Options]:
         values["lora_scope"],
     )
     return _flag(values["enabled"]), options
+
+
+def parse_maps(args: Sequence[Any]) -> MapSettings:
+    """The attention-maps settings of the script's arguments (positional after the concept rows, or the dict's
+    ``maps``, ``maps_compare``, ``maps_words``); ConceptError in one line when they cannot be read."""
+    if args and isinstance(args[0], Mapping):
+        values = [args[0].get(key, default) for key, default in zip(MAP_FIELDS, MAP_DEFAULTS)]
+    else:
+        given = list(args[MAPS_AT:ARG_COUNT])
+        values = [
+            default if value is None else value for value, default in zip([*given, *MAP_DEFAULTS[len(given) :]], MAP_DEFAULTS)
+        ]
+    on, compare, words = values
+    if not isinstance(words, str):
+        raise ConceptError(f"'maps_words' must be text, not {words!r}")
+    return MapSettings(_flag(on, "maps"), _flag(compare, "maps_compare"), words.strip())
+
+
+def maps_infotext(settings: MapSettings) -> dict[str, str]:
+    """The maps' infotext entry: only when they are on."""
+    if not settings.on:
+        return {}
+    text = "compare" if settings.compare else "on"
+    return {KEY_MAPS: f"{text}, words: {settings.words}" if settings.words else text}
 
 
 def with_overrides(enabled: bool, options: Options, overrides: Mapping[str, Any]) -> tuple[bool, Options]:
@@ -159,7 +198,13 @@ def from_infotext(params: Mapping[str, Any]) -> list[Any]:
     if not dash:
         raise ConceptError(f"'{KEY_STEPS}: {params[KEY_STEPS]}' is not FROM-TO")
     placeholder, scope = str(params.get(KEY_PLACEHOLDER, "*")), str(params.get(KEY_SCOPE, "kv"))
-    arguments = [bool(rows), _number(KEY_STEPS, start), _number(KEY_STEPS, end), placeholder, scope, *cells]
+    maps = [*MAP_DEFAULTS]
+    if KEY_MAPS in params:
+        match = _MAPS_TEXT.match(str(params[KEY_MAPS]).strip())
+        if match is None:
+            raise ConceptError(f"'{KEY_MAPS}: {params[KEY_MAPS]}' is not 'on' or 'compare'[, words: …]")
+        maps = [True, match["mode"] == "compare", match["words"] or ""]
+    arguments = [bool(rows), _number(KEY_STEPS, start), _number(KEY_STEPS, end), placeholder, scope, *cells, *maps]
     _, options = parse_args(arguments)  # what cannot be used is refused here, not at generation time
     options.validated()
     for concept in options.concepts:

@@ -12,6 +12,8 @@
   Diffusion) get their keys/values from the host's K/V mechanism for the pass.
 - ``postprocess_batch``: the K/V mechanism comes off.
 
+The attention maps (``maps``) ride on the same hooks, AlignIT on or off, and add ``postprocess``.
+
 Both WebUIs keep A1111's ``prompt_parser`` (AND, prompt editing, ``MulticondLearnedConditioning``) and hook order.
 """
 
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from modules import extra_networks, prompt_parser, sd_samplers, shared
 
+from ...attention_maps import MapRecorder
 from ...concepts import Concept, Options, SourceKind, parse_source
 from ...engine import ConceptSource, Splicer, TextEncoder
 from ...errors import ConceptError, LayoutMismatch, NotLoaded, Unsupported
@@ -33,6 +36,7 @@ from ...kv import Key
 from ...prompt import rewrite_prompt, set_lora_tag
 from ...schedule import active_steps
 from . import args as alignit_args
+from . import maps
 
 log = logging.getLogger("alignit")
 
@@ -72,6 +76,11 @@ class Host(Protocol):
 
     def install_kv(self, p: Any, splicer: Splicer) -> KVMechanism | None:
         """Give the spliced weight-side concept rows their keys/values for the pass about to be sampled."""
+        ...
+
+    def install_maps(self, p: Any, recorder: MapRecorder, cond_items: Sequence[int]) -> maps.MapsMechanism:
+        """Feed ``recorder`` with the attention of the pass about to be sampled (``cond_items[r]``: the image of cond
+        row r, in the WebUI's order of cond rows)."""
         ...
 
     def source_choices(self) -> list[str]:
@@ -199,12 +208,16 @@ def process(p: Any, host: Host, script_args: Sequence[Any]) -> Generation | None
     """``process`` hook: read the script's arguments and X/Y/Z overrides, start AlignIT, write its infotext."""
     host.begin()
     setattr(p, STATE_ATTRIBUTE, None)
+    setattr(p, maps.MAPS_ATTRIBUTE, None)
     try:
         enabled, options = alignit_args.parse_args(script_args)
         enabled, options = alignit_args.with_overrides(enabled, options, getattr(p, OVERRIDES_ATTRIBUTE, None) or {})
+        settings = alignit_args.parse_maps(script_args)
     except (ConceptError, ValueError) as error:
         _message(p, f"{error}; generating without AlignIT")
         return None
+    if maps.start(p, host, settings, options, lambda text: _message(p, text)) is not None:
+        p.extra_generation_params.update(alignit_args.maps_infotext(settings))
     if enabled and not options.concepts:
         _message(p, "AlignIT is enabled but no concept row is filled in; generating without it")
         return None
@@ -266,23 +279,40 @@ def _set_hires_lora_tags(p: Any, generation: Generation) -> None:
 
 
 def prepare_batch(p: Any) -> None:
-    """``process_batch`` hook: rewrite the batch's prompts to class words and prepare every p'."""
+    """``process_batch`` hook: rewrite the batch's prompts to class words and prepare every p'; plan the maps."""
     generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    _set_hires_lora_tags(p, generation)
+    hires = bool(getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None))
     steps = _total_steps(p.sampler_name, p.steps)
-    named: set[int] = set()
-    with torch.no_grad():
-        p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None, named)
-        if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
-            hires_steps = _total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps)
-            p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps, named)
-        else:
+    hires_steps = _total_steps(p.hr_sampler_name or p.sampler_name, p.hr_second_pass_steps or p.steps) if hires else None
+    originals, hires_originals = list(p.prompts), list(p.hr_prompts) if hires else None
+    if generation is not None:
+        _set_hires_lora_tags(p, generation)
+        named: set[int] = set()
+        with torch.no_grad():
+            p.prompts, generation.first = _plan_prompts(p, generation, list(p.prompts), steps, None, named)
             generation.hires = None
-    while generation.splicer.warnings:
-        _message(p, generation.splicer.warnings.pop(0))
-    _report_concepts(p, generation, named)
+            if hires:
+                p.hr_prompts, generation.hires = _plan_prompts(p, generation, list(p.hr_prompts), steps, hires_steps, named)
+        while generation.splicer.warnings:
+            _message(p, generation.splicer.warnings.pop(0))
+        _report_concepts(p, generation, named)
+    first, second = (
+        [item is not None for item in plan.items] if plan else [False] * len(originals) for plan in _plans(generation)
+    )
+    maps.plan_batch(
+        p,
+        lambda text, hires_steps: marked_schedules(text, steps, hires_steps),
+        originals,
+        hires_originals,
+        (first, second),
+        generation.options.concepts if generation else (),
+        hires_steps,
+        lambda text: _message(p, text),
+    )
+
+
+def _plans(generation: Generation | None) -> tuple[PassPlan | None, PassPlan | None]:
+    return (generation.first, generation.hires) if generation else (None, None)
 
 
 def _report_concepts(p: Any, generation: Generation, named: set[int]) -> None:
@@ -327,14 +357,25 @@ def splice_conditioning(c: Any, plan: PassPlan, splicer: Splicer) -> None:
 
 
 def before_sampling(p: Any, c: Any) -> None:
-    """``process_before_every_sampling`` hook: splice into the first-pass or hires-pass conditioning, then give
-    weight-side concepts their keys/values."""
+    """``process_before_every_sampling`` hook: splice into the first-pass or hires-pass conditioning, install the maps'
+    hooks, then give weight-side concepts their keys/values (on Forge these patches wrap the maps')."""
     generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
-    if generation is None:
-        return
-    plan = generation.hires if getattr(p, "is_hr_pass", False) else generation.first
+    plan = _plans(generation)[1 if getattr(p, "is_hr_pass", False) else 0]
+    spliced = generation is not None and _splice(p, generation, plan, c)
+
+    def origins(item: int, part: int, index: int) -> Any:
+        schedules = plan.items[item] if plan and spliced else None
+        return generation.splicer.row_origins(schedules[part][index][1]) if generation and schedules else None
+
+    maps.install(p, c, origins, lambda text: _message(p, text))
+    if generation is not None and plan is not None and spliced:
+        _install_kv(p, generation, plan)
+
+
+def _splice(p: Any, generation: Generation, plan: PassPlan | None, c: Any) -> bool:
+    """Splice the pass's conditioning; False when there is nothing to splice or it failed."""
     if plan is None or c is None or not any(plan.items):
-        return
+        return False
     if not plan.in_range:
         span = f"{generation.options.step_start:g}-{generation.options.step_end:g}"
         _message(p, f"the step range {span} covers no sampling step of this pass: the class word is used throughout")
@@ -345,7 +386,11 @@ def before_sampling(p: Any, c: Any) -> None:
         if not isinstance(error, LayoutMismatch):
             log.exception("AlignIT: splicing")
         _message(p, f"{error}; the class word is used without the concept")
-        return
+        return False
+    return True
+
+
+def _install_kv(p: Any, generation: Generation, plan: PassPlan) -> None:
     _remove_kv(p, generation)
     generation.kv_expects_rows = plan.in_range  # a full-scope LoRA still comes off every row outside the range
     try:
@@ -369,8 +414,18 @@ def _remove_kv(p: Any, generation: Generation) -> None:
         _message(p, f"the concept rows never reached {unmatched[0][0]}: something between the prompt and the UNet changed them")
 
 
-def finish_batch(p: Any) -> None:
-    """``postprocess_batch`` hook: take the K/V mechanism off."""
+def finish_batch(p: Any, images: Any = None) -> None:
+    """``postprocess_batch`` hook: take the K/V mechanism off; collect the batch's maps with its ``images``."""
     generation: Generation | None = getattr(p, STATE_ATTRIBUTE, None)
     if generation is not None:
         _remove_kv(p, generation)
+    maps.collect(p, images, lambda text: _message(p, text))
+
+
+def finish(p: Any, processed: Any, arguments: tuple[int, int]) -> None:
+    """``postprocess`` hook: the maps' pictures go to the gallery (``arguments``: AlignIT's in ``p.script_args``)."""
+    try:
+        maps.show(p, processed, arguments, lambda text: _message(p, text))
+    except Exception as error:  # a bug or a WebUI change must cost the maps, not the images
+        log.exception("AlignIT: showing the attention maps")
+        _message(p, f"attention maps: {type(error).__name__}: {error}")

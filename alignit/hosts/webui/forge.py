@@ -8,12 +8,13 @@ concepts: in ``process_before_every_sampling`` (first pass, and each hires call,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from backend import attention
 from modules import shared
 
+from ...attention_maps import MapRecorder
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...kv import KVRewriter
@@ -22,6 +23,7 @@ from . import forge_sources
 from . import sources as webui_sources
 from .forge_attention import AttentionPatch
 from .forge_encoder import ForgeEncoder
+from .forge_maps import MapPatch
 
 
 class ForgeHost:
@@ -44,6 +46,13 @@ class ForgeHost:
         project = module_projection(attn2_modules(unet.model.diffusion_model))
         rewriter = KVRewriter(chunks, splicer.kv_weights(), global_kv, project)
         patch = AttentionPatch(rewriter, attention.attention_function)
+        patch.install(unet)
+        p.sd_model.forge_objects.unet = unet
+        return patch
+
+    def install_maps(self, p: Any, recorder: MapRecorder, cond_items: Sequence[int]) -> MapPatch:
+        unet = p.sd_model.forge_objects.unet.clone()
+        patch = MapPatch(recorder, attention.attention_function)
         patch.install(unet)
         p.sd_model.forge_objects.unet = unet
         return patch

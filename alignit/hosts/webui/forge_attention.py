@@ -79,7 +79,7 @@ class AttentionPatch:
     def _observer(self) -> Callable:
         def observe(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict) -> tuple:
             if self.active:
-                self._seen = (_where(extra_options), context, context if value is None else value)
+                self._seen = (block_of(extra_options), context, context if value is None else value)
             return n, context, value
 
         return observe
@@ -87,7 +87,7 @@ class AttentionPatch:
     def _replacement(self, layer: str, inner: Callable | None) -> Callable:
         def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             seen, self._seen = self._seen, None
-            if self.active and seen is not None and seen[0] == _where(extra_options):
+            if self.active and seen is not None and seen[0] == block_of(extra_options):
                 try:
                     rows = cond_batch_rows(extra_options, k.shape[0])
                     k = self.rewriter.rewrite((layer, "k"), seen[1], k, rows)
@@ -112,5 +112,6 @@ class AttentionPatch:
         self.rewriter.release()
 
 
-def _where(extra_options: dict) -> tuple:
+def block_of(extra_options: dict) -> tuple:
+    """Which block a patch call is for: ``(block, transformer index)``."""
     return (extra_options.get("block"), extra_options.get("block_index"))
