@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from modules import shared
 
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...errors import NotLoaded, Unsupported
+from ...kv import Key
 from . import a1111_sources
 from .a1111_encoder import A1111Encoder
-from .ldm import KVInjector
+from .ldm import KVInjector, attn2_modules
 
 _live_injectors: list[KVInjector] = []
 
@@ -73,3 +75,9 @@ class A1111Host:
 
     def source_choices(self) -> list[str]:
         return a1111_sources.source_choices()
+
+    def load_model(self) -> None:
+        """Nothing to do: reading ``shared.sd_model`` loads the selected checkpoint when none is loaded."""
+
+    def cross_attention(self) -> dict[Key, torch.nn.Module]:
+        return attn2_modules(shared.sd_model.model.diffusion_model)
