@@ -9,6 +9,8 @@ hook or patch left); weight-side concepts reach every cross-attention layer (no 
 concepts warn and still render; the X/Y/Z axes exist under ``--nowebui``."""
 
 import base64
+import json
+import urllib.error
 
 import pytest
 from webui_server import CD, EMBEDDING, LORA, LORA_DIFFUSERS, call, on, txt2img
@@ -110,3 +112,21 @@ def test_xyz_axes_exist_without_the_ui(webui):
     xyz = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
     labels = next(arg["choices"] for arg in xyz["args"] if arg["label"] == "X type")
     assert {"[AlignIT] Enabled", "[AlignIT] Strength (all concepts)", "[AlignIT] Class word"} <= set(labels)
+
+
+def test_class_word_suggestions_through_the_api(webui):
+    """``POST /alignit/suggest`` for each kind of source: five words, best first, scores in [-1, 1]; bad requests are
+    refused in one line."""
+    for source in (EMBEDDING, f"lora:{LORA_DIFFUSERS}", f"cd:{CD}"):
+        trigger = "<new1> cat" if source.startswith("cd:") else "<sks>"
+        found = call(webui, "/alignit/suggest", {"trigger": trigger, "class_word": "corgi", "source": source})
+        assert len(found) == 5 and all(set(item) == {"word", "score"} and -1 <= item["score"] <= 1 for item in found), found
+        assert [item["score"] for item in found] == sorted((item["score"] for item in found), reverse=True)
+    for payload, status, detail in [
+        ({"trigger": "<sks>", "top": 0}, 422, "'top' must be a whole number"),
+        ({"trigger": "<nope>"}, 400, "no embedding named '<nope>'"),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            call(webui, "/alignit/suggest", payload)
+        assert refused.value.code == status
+        assert detail in json.loads(refused.value.read())["detail"]
