@@ -38,37 +38,6 @@ class AlignITScript(scripts.Script):
     def show(self, is_img2img: bool) -> object:
         return scripts.AlwaysVisible
 
-    def ui(self, is_img2img: bool) -> list:
-        tab = "img2img" if is_img2img else "txt2img"
-        with gr.Accordion(TITLE, open=False, elem_id=f"alignit_{tab}"):
-            enabled = gr.Checkbox(False, label="Enable AlignIT", elem_id=f"alignit_{tab}_enabled")
-            note = gr.Markdown(MODELS, elem_id=f"alignit_{tab}_note")
-            rows = []
-            suggesting = []
-            for i in range(alignit_args.ROWS):
-                inputs, suggest = self.concept_row(tab, i)
-                rows += inputs
-                suggesting.append(suggest)
-            with gr.Row():
-                step_start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="From step", elem_id=f"alignit_{tab}_start")
-                step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step", elem_id=f"alignit_{tab}_end")
-                placeholder = gr.Textbox("*", label="Placeholder", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
-                lora_scope = gr.Radio(choices=["kv", "full"], value="kv", label="LoRA scope", elem_id=f"alignit_{tab}_lora_scope")
-                refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
-        sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
-        refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
-        enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
-        for source in sources:  # embeddings load after the UI is built: the list is read again whenever it opens
-            source.focus(lambda: gr.update(choices=HOST.source_choices()), inputs=[], outputs=[source])
-        width = len(alignit_args.ROW_FIELDS)
-        for i, wire in enumerate(suggesting):
-            wire(*rows[i * width : (i + 1) * width], placeholder)
-
-        components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
-        self.infotext_fields = [PasteField(component, alignit_args.PASTE_KEY.format(i)) for i, component in enumerate(components)]
-        self.paste_field_names = []
-        return components
-
     def concept_row(self, tab: str, i: int) -> tuple[list, Callable]:
         """One concept row (trigger, class word with its Suggest button, source, strength) and the suggestions under
         it; returns the row's four inputs and what wires Suggest once the placeholder field exists."""
@@ -113,6 +82,37 @@ class AlignITScript(scripts.Script):
                 )
 
         return [trigger, class_word, source, strength], wire
+
+    def ui(self, is_img2img: bool) -> list:
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion(TITLE, open=False, elem_id=f"alignit_{tab}"):
+            enabled = gr.Checkbox(False, label="Enable AlignIT", elem_id=f"alignit_{tab}_enabled")
+            note = gr.Markdown(MODELS, elem_id=f"alignit_{tab}_note")
+            rows = []
+            suggesting = []
+            for i in range(alignit_args.ROWS):
+                inputs, suggest = self.concept_row(tab, i)
+                rows += inputs
+                suggesting.append(suggest)
+            with gr.Row():
+                step_start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="From step", elem_id=f"alignit_{tab}_start")
+                step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step", elem_id=f"alignit_{tab}_end")
+                placeholder = gr.Textbox("*", label="Placeholder", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
+                lora_scope = gr.Radio(choices=["kv", "full"], value="kv", label="LoRA scope", elem_id=f"alignit_{tab}_lora_scope")
+                refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
+        sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
+        refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
+        enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
+        for source in sources:  # embeddings load after the UI is built: the list is read again whenever it opens
+            source.focus(lambda: gr.update(choices=HOST.source_choices()), inputs=[], outputs=[source])
+        width = len(alignit_args.ROW_FIELDS)
+        for i, wire in enumerate(suggesting):
+            wire(*rows[i * width : (i + 1) * width], placeholder)
+
+        components = [enabled, step_start, step_end, placeholder, lora_scope, *rows]
+        self.infotext_fields = [PasteField(component, alignit_args.PASTE_KEY.format(i)) for i, component in enumerate(components)]
+        self.paste_field_names = []
+        return components
 
     def process(self, p, *args) -> None:
         webui.process(p, HOST, args)

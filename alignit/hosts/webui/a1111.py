@@ -16,7 +16,6 @@ from modules import shared
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...errors import NotLoaded, Unsupported
-from ...kv import Key
 from . import a1111_sources
 from .a1111_encoder import A1111Encoder
 from .ldm import KVInjector, attn2_modules
@@ -79,5 +78,5 @@ class A1111Host:
     def load_model(self) -> None:
         """Nothing to do: reading ``shared.sd_model`` loads the selected checkpoint when none is loaded."""
 
-    def cross_attention(self) -> dict[Key, torch.nn.Module]:
+    def cross_attention(self) -> dict[tuple[str, str], torch.nn.Module]:
         return attn2_modules(shared.sd_model.model.diffusion_model)
