@@ -20,6 +20,7 @@ from alignit.hosts.webui.sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
 HOST = current_host()
+RANKING = "Ranking class words… (the first time after a model loads, every candidate is encoded once: slow on a CPU)"
 MODELS = "Works with SD1.x, SD2.x and SDXL checkpoints; not with Flux or SD3, which have no UNet cross-attention."
 
 
@@ -74,6 +75,8 @@ class AlignITScript(scripts.Script):
 
         def wire(trigger_, class_word_, source_, strength_, placeholder) -> None:
             suggest.click(
+                lambda: [gr.update(visible=True), gr.update(value=RANKING, visible=True)], outputs=[shown, message]
+            ).then(
                 show, inputs=[trigger_, class_word_, source_, strength_, placeholder], outputs=[shown, message, *choices, found]
             )
             for n, button in enumerate(choices):
