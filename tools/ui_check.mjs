@@ -11,12 +11,13 @@ import path from "node:path";
 const [url, kind, theme, out] = process.argv.slice(2);
 fs.mkdirSync(out, { recursive: true });
 const report = { kind, theme };
-const browser = await chromium.launch({
+const browser = await chromium.launchPersistentContext(fs.mkdtempSync(path.join(os.tmpdir(), "alignit-ui-")), {
     executablePath: "/usr/bin/chromium",
+    viewport: { width: 1600, height: 1200 },
     args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", `--user-data-dir=${fs.mkdtempSync(path.join(os.tmpdir(), "alignit-ui-"))}`],
+        "--disable-component-update", "--disable-sync"],
 });
-const page = await browser.newPage({ viewport: { width: 1600, height: 1200 } });
+const page = browser.pages()[0] || await browser.newPage();
 page.setDefaultTimeout(120000);
 const consoleErrors = [];
 page.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
