@@ -12,6 +12,11 @@ _FORBIDDEN_CLASS_CHARS = re.compile(r"[()\[\]:|<>\\{}]")
 _RESERVED_WORDS = re.compile(r"\b(AND|BREAK)\b")
 
 
+def plain_words(text: str) -> bool:
+    """Whether ``text`` can stand as a class word: no prompt syntax (brackets, colons, '|', '<', '>'), not AND/BREAK."""
+    return not (_FORBIDDEN_CLASS_CHARS.search(text) or _RESERVED_WORDS.search(text))
+
+
 @dataclass(frozen=True)
 class Concept:
     """One customized concept in a prompt.
@@ -38,7 +43,7 @@ class Concept:
             raise ConceptError("a concept row has a class word but no trigger")
         if not class_word:
             raise ConceptError(f"concept '{trigger}': the class word is empty")
-        if _FORBIDDEN_CLASS_CHARS.search(class_word) or _RESERVED_WORDS.search(class_word):
+        if not plain_words(class_word):
             raise ConceptError(
                 f"concept '{trigger}': the class word '{class_word}' must be plain words "
                 "(no brackets, colons, '|', '<', '>' and not AND/BREAK)"

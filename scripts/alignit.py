@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import gradio as gr
 from modules import script_callbacks, scripts, shared
@@ -13,11 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from alignit.hosts.webui import args as alignit_args  # noqa: E402
 from alignit.hosts.webui import flow as webui  # noqa: E402
+from alignit.hosts.webui import suggest_route, suggestions  # noqa: E402
 from alignit.hosts.webui.detect import current_host  # noqa: E402
 from alignit.hosts.webui.sources import CD_DIR_OPTION  # noqa: E402
 
 TITLE = "AlignIT"
 HOST = current_host()
+RANKING = "Ranking class words… (the first time after a model loads, every candidate is encoded once: slow on a CPU)"
 MODELS = (
     "Works with SD1.x, SD2.x and SDXL checkpoints; not with Flux or SD3, which have no UNet cross-attention. "
     "With a refiner, the steps after the switch get the prompt with the class words, without the concepts: "
@@ -40,54 +43,79 @@ class AlignITScript(scripts.Script):
     def show(self, is_img2img: bool) -> object:
         return scripts.AlwaysVisible
 
+    def concept_row(self, tab: str, i: int) -> tuple[list, Callable]:
+        """One concept row (trigger, class word with its Suggest button, source, strength) and the suggestions under
+        it; returns the row's four inputs and what wires Suggest once the placeholder field exists."""
+        with gr.Row(elem_classes=["alignit-concept"]):
+            trigger = gr.Textbox(label="Trigger", placeholder="<sks>", max_lines=1, elem_id=f"alignit_{tab}_trigger_{i}")
+            class_word = gr.Textbox(label="Class word", placeholder="cat", max_lines=1, elem_id=f"alignit_{tab}_class_{i}")
+            suggest = gr.Button(
+                "Suggest", size="sm", scale=0, min_width=0, elem_id=f"alignit_{tab}_suggest_{i}", elem_classes=["alignit-suggest"]
+            )
+            source = gr.Dropdown(
+                label="Source",
+                choices=HOST.source_choices(),
+                value="",
+                allow_custom_value=True,
+                elem_id=f"alignit_{tab}_source_{i}",
+            )
+            strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength_{i}")
+        with gr.Row(visible=False, elem_id=f"alignit_{tab}_suggestions_{i}", elem_classes=["alignit-suggestions"]) as shown:
+            message = gr.Markdown("", visible=False, elem_id=f"alignit_{tab}_suggestion_message_{i}")
+            choices = [
+                gr.Button("", size="sm", scale=0, min_width=0, elem_id=f"alignit_{tab}_suggestion_{i}_{n}")
+                for n in range(suggestions.TOP)
+            ]
+        found = gr.State([])
+
+        def show(*row) -> list:
+            words, why = suggestions.for_row(HOST, *row)
+            labels = suggestions.suggestion_labels(words)
+            buttons = [
+                gr.update(value=labels[n], visible=True) if n < len(labels) else gr.update(visible=False)
+                for n in range(len(choices))
+            ]
+            return [gr.update(visible=True), gr.update(value=why, visible=bool(why)), *buttons, [item.word for item in words]]
+
+        def wire(trigger_, class_word_, source_, strength_, placeholder) -> None:
+            suggest.click(
+                lambda: [gr.update(visible=True), gr.update(value=RANKING, visible=True)], outputs=[shown, message]
+            ).then(
+                show, inputs=[trigger_, class_word_, source_, strength_, placeholder], outputs=[shown, message, *choices, found]
+            )
+            for n, button in enumerate(choices):
+                button.click(
+                    lambda words, n=n: words[n] if n < len(words) else gr.update(), inputs=[found], outputs=[class_word_]
+                )
+
+        return [trigger, class_word, source, strength], wire
+
     def ui(self, is_img2img: bool) -> list:
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Accordion(TITLE, open=False, elem_id=f"alignit_{tab}"):
             enabled = gr.Checkbox(False, label="Enable AlignIT", elem_id=f"alignit_{tab}_enabled")
             note = gr.Markdown(MODELS, elem_id=f"alignit_{tab}_note")
             rows = []
+            suggesting = []
             for i in range(alignit_args.ROWS):
-                with gr.Row():
-                    rows.append(
-                        gr.Textbox(
-                            label=f"Trigger {i + 1}",
-                            placeholder="<sks> or an embedding's name",
-                            max_lines=1,
-                            elem_id=f"alignit_{tab}_trigger_{i}",
-                        )
-                    )
-                    rows.append(
-                        gr.Textbox(label="Class word", placeholder="cat", max_lines=1, elem_id=f"alignit_{tab}_class_{i}")
-                    )
-                    rows.append(
-                        gr.Dropdown(
-                            label="Source: embedding, lora:NAME[:WEIGHT] or cd:NAME (empty: the trigger's name)",
-                            choices=HOST.source_choices(),
-                            value="",
-                            allow_custom_value=True,
-                            elem_id=f"alignit_{tab}_source_{i}",
-                        )
-                    )
-                    rows.append(
-                        gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength_{i}")
-                    )
+                inputs, suggest = self.concept_row(tab, i)
+                rows += inputs
+                suggesting.append(suggest)
             with gr.Row():
-                step_start = gr.Slider(
-                    0.0, 1.0, value=0.0, step=0.01, label="From step (fraction)", elem_id=f"alignit_{tab}_start"
-                )
-                step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step (fraction)", elem_id=f"alignit_{tab}_end")
-                placeholder = gr.Textbox("*", label="Placeholder word", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
-                lora_scope = gr.Radio(
-                    choices=["kv", "full"],
-                    value="kv",
-                    label="LoRA scope (kv: on the concept's keys/values only; full: on the whole UNet)",
-                    elem_id=f"alignit_{tab}_lora_scope",
-                )
+                step_start = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="From step", elem_id=f"alignit_{tab}_start")
+                step_end = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="To step", elem_id=f"alignit_{tab}_end")
+                placeholder = gr.Textbox("*", label="Placeholder", max_lines=1, elem_id=f"alignit_{tab}_placeholder")
+                lora_scope = gr.Radio(choices=["kv", "full"], value="kv", label="LoRA scope", elem_id=f"alignit_{tab}_lora_scope")
                 refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
             maps = self.maps_ui(tab)
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
         refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
         enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
+        for source in sources:  # embeddings load after the UI is built: the list is read again whenever it opens
+            source.focus(lambda: gr.update(choices=HOST.source_choices()), inputs=[], outputs=[source])
+        width = len(alignit_args.ROW_FIELDS)
+        for i, wire in enumerate(suggesting):
+            wire(*rows[i * width : (i + 1) * width], placeholder)
 
         components = [enabled, step_start, step_end, placeholder, lora_scope, *rows, *maps]
         self.infotext_fields = [PasteField(component, alignit_args.PASTE_KEY.format(i)) for i, component in enumerate(components)]
@@ -134,6 +162,12 @@ def on_ui_settings() -> None:
         CD_DIR_OPTION,
         shared.OptionInfo("", "Custom Diffusion deltas folder (empty: models/CustomDiffusion)", section=section),
     )
+    shared.opts.add_option(
+        suggestions.WORDS_OPTION,
+        shared.OptionInfo(
+            "", "Class-word list for Suggest: a text file, one word per line (added to AlignIT's own list)", section=section
+        ),
+    )
 
 
 def _override(key: str, kind: type):
@@ -174,3 +208,5 @@ if not add_axis_options():
     script_callbacks.on_before_ui(add_axis_options)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_infotext_pasted(lambda infotext, params: alignit_args.paste(params))
+script_callbacks.on_model_loaded(suggestions.forget_model)
+script_callbacks.on_app_started(lambda demo, app: suggest_route.register(app, HOST))

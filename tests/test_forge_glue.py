@@ -296,7 +296,7 @@ def test_a_concept_that_encodes_to_nan_is_refused(forge):
 
 
 def test_source_choices_come_from_the_engine_the_lora_list_and_the_folder(forge):
-    assert forge_flow.HOST.source_choices() == ["", "sks", "lora:loha", "lora:ohwx_lora", "cd:mycat"]
+    assert forge_flow.HOST.source_choices() == ["sks", "lora:loha", "lora:ohwx_lora", "cd:mycat"]
 
 
 def context_recorder(calls: list):

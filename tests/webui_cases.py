@@ -13,6 +13,8 @@ them give the ``webui_name`` fixture ("a1111" or "forge") where a WebUI's own ab
 
 import base64
 import io
+import json
+import urllib.error
 
 import pytest
 import torch
@@ -233,3 +235,21 @@ def test_the_refiner_gets_the_class_word_prompt(webui):
 def pixels(png: bytes) -> bytes:
     """An image's pixels, without its metadata (the infotext)."""
     return Image.open(io.BytesIO(png)).tobytes()
+
+
+def test_class_word_suggestions_through_the_api(webui):
+    """``POST /alignit/suggest`` for each kind of source: five words, best first, scores in [-1, 1]; bad requests are
+    refused in one line."""
+    for source in (EMBEDDING, f"lora:{LORA_DIFFUSERS}", f"cd:{CD}"):
+        trigger = "<new1> cat" if source.startswith("cd:") else "<sks>"
+        found = call(webui, "/alignit/suggest", {"trigger": trigger, "class_word": "corgi", "source": source})
+        assert len(found) == 5 and all(set(item) == {"word", "score"} and -1 <= item["score"] <= 1 for item in found), found
+        assert [item["score"] for item in found] == sorted((item["score"] for item in found), reverse=True)
+    for payload, status, detail in [
+        ({"trigger": "<sks>", "top": 0}, 422, "'top' must be a whole number"),
+        ({"trigger": "<nope>"}, 400, "no embedding named '<nope>'"),
+    ]:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            call(webui, "/alignit/suggest", payload)
+        assert refused.value.code == status
+        assert detail in json.loads(refused.value.read())["detail"]

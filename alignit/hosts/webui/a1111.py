@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from modules import shared
 
 from ...attention_maps import MapRecorder
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
 from ...errors import NotLoaded, Unsupported
-from ...kv_hooks import KVInjector
+from ...kv_hooks import KVInjector, attn2_modules
 from . import a1111_maps, a1111_sources
 from .a1111_encoder import A1111Encoder
 
@@ -82,3 +83,9 @@ class A1111Host:
 
     def source_choices(self) -> list[str]:
         return a1111_sources.source_choices()
+
+    def load_model(self) -> None:
+        """Nothing to do: reading ``shared.sd_model`` loads the selected checkpoint when none is loaded."""
+
+    def cross_attention(self) -> dict[tuple[str, str], torch.nn.Module]:
+        return attn2_modules(shared.sd_model.model.diffusion_model)

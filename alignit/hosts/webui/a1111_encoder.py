@@ -70,9 +70,15 @@ class A1111Encoder:
         return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
 
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
+        return self.encode_chunks([tokens], [multipliers], [fixes])[0]
+
+    def encode_chunks(
+        self, tokens: Sequence[Sequence[int]], multipliers: Sequence[Sequence[float]], fixes: Sequence[Sequence[tuple[int, Any]]]
+    ) -> torch.Tensor:
+        """A batch of chunks through each encoder's ``process_tokens`` (sd_hijack_clip.py 253), as ``forward`` does."""
         rows = []
         with devices.autocast():
             for clip in self.clips:
-                clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
-                rows.append(clip.process_tokens([list(tokens)], [list(multipliers)])[0])
+                clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in chunk] for chunk in fixes]
+                rows.append(clip.process_tokens([list(t) for t in tokens], [list(m) for m in multipliers]))
         return torch.cat(rows, dim=-1)

@@ -87,6 +87,14 @@ class Host(Protocol):
         """Every source a concept row can name (for the UI's dropdowns)."""
         ...
 
+    def load_model(self) -> None:
+        """Load the checkpoint the WebUI has selected when none is loaded yet, as a generation would."""
+        ...
+
+    def cross_attention(self) -> dict[Key, torch.nn.Module]:
+        """The loaded UNet's cross-attention ``to_k``/``to_v`` projections."""
+        ...
+
 
 def model_problem(host: Host) -> str | None:
     """Why AlignIT cannot work with the loaded model, or None when it can (or no model is loaded yet)."""

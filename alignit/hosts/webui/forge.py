@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from backend import attention
-from modules import shared
+from modules import sd_models, shared
 
 from ...attention_maps import MapRecorder
 from ...concepts import Concept
 from ...engine import ConceptSource, Splicer, TextEncoder, resolve_source
-from ...kv import KVRewriter
+from ...kv import Key, KVRewriter
 from ...kv_hooks import attn2_modules, module_projection
 from . import forge_sources
 from . import sources as webui_sources
@@ -59,3 +60,10 @@ class ForgeHost:
 
     def source_choices(self) -> list[str]:
         return webui_sources.source_choices(forge_sources.embedding_names())
+
+    def load_model(self) -> None:
+        """Forge loads a checkpoint at the first generation (processing.py 804): do the same here."""
+        sd_models.forge_model_reload()
+
+    def cross_attention(self) -> dict[Key, torch.nn.Module]:
+        return attn2_modules(shared.sd_model.forge_objects.unet.model.diffusion_model)

@@ -74,12 +74,17 @@ class ForgeEncoder:
         return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
 
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
-        """One chunk through each engine's ``process_tokens`` (classic_engine.py 297-318), as ``__call__`` does."""
+        return self.encode_chunks([tokens], [multipliers], [fixes])[0]
+
+    def encode_chunks(
+        self, tokens: Sequence[Sequence[int]], multipliers: Sequence[Sequence[float]], fixes: Sequence[Sequence[tuple[int, Any]]]
+    ) -> torch.Tensor:
+        """A batch of chunks through each engine's ``process_tokens`` (classic_engine.py 297-318), as ``__call__`` does."""
         memory_management.load_model_gpu(self.sd_model.forge_objects.clip.patcher)
         self.sd_model.set_clip_skip(int(shared.opts.CLIP_stop_at_last_layers))
         rows = []
         for engine in self.engines:
             engine.emphasis = emphasis.get_current_option(shared.opts.emphasis)()
-            engine.embeddings.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in fixes]]
-            rows.append(engine.process_tokens([list(tokens)], [list(multipliers)])[0])
+            engine.embeddings.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in chunk] for chunk in fixes]
+            rows.append(engine.process_tokens([list(t) for t in tokens], [list(m) for m in multipliers]))
         return torch.cat(rows, dim=-1)

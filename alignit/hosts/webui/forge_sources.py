@@ -16,7 +16,7 @@ from modules import shared
 
 from ...concepts import Concept, SourceSpec
 from ...engine import ConceptSource
-from ...errors import ConceptError, Unsupported
+from ...errors import ConceptError, NotLoaded, Unsupported
 from ...kv import Delta, Dense, Key, LowRank
 from ...kv_hooks import attn2_modules
 from ...sources.files import flatten, load_tensors, read_cached
@@ -29,10 +29,15 @@ _UNET_KV = re.compile(r"^diffusion_model\.(?P<layer>.+\.attn2)\.to_(?P<proj>[kv]
 
 
 def embedding_names() -> list[str]:
-    """The embeddings the loaded model's first text engine knows (none while no model is loaded)."""
+    """The embeddings the loaded model's first text engine knows; before Forge loads a model (at the first
+    generation), those its Textual Inversion page lists, from a database that needs no model."""
     try:
         return list(text_engines(shared.sd_model)[0].embeddings.word_embeddings)
-    except Unsupported:  # no checkpoint loaded yet, or one AlignIT does not apply to
+    except NotLoaded:
+        from modules import ui_extra_networks_textual_inversion  # loads the embeddings folder when first imported
+
+        return list(ui_extra_networks_textual_inversion.embedding_db.word_embeddings)
+    except Unsupported:  # a model AlignIT does not apply to
         return []
 
 

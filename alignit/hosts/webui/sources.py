@@ -51,9 +51,10 @@ def lora_file(concept: Concept) -> str:
 
 
 def source_choices(embedding_names: Iterable[str]) -> list[str]:
-    """Every source a concept row can name: embeddings, ``lora:NAME`` and ``cd:NAME``."""
+    """Every source a concept row can name: embeddings, ``lora:NAME`` and ``cd:NAME`` (no empty entry: an empty source,
+    the trigger's own name, is what the field holds until one is chosen)."""
     embeddings = sorted(embedding_names, key=str.lower)
-    return ["", *embeddings, *(f"lora:{name}" for name in sorted(lora_files())), *(f"cd:{n}" for n in custom_diffusion_files())]
+    return [*embeddings, *(f"lora:{name}" for name in sorted(lora_files())), *(f"cd:{n}" for n in custom_diffusion_files())]
 
 
 def find_embedding(concept: Concept, database: Any) -> Any:

@@ -24,6 +24,32 @@ def on_before_ui(callback):
     before_ui_callbacks.append(callback)
 
 
+model_loaded_callbacks = []
+app_started_callbacks = []
+
+
+def on_model_loaded(callback, *, name=None):
+    """l.467; ``model_loaded_callback(sd_model)`` (l.270) runs them after a checkpoint loads (sd_models.py 864; Forge
+    518), after the embeddings are reloaded (A1111 sd_models.py 860)."""
+    model_loaded_callbacks.append(callback)
+
+
+def model_loaded_callback(sd_model):
+    for callback in model_loaded_callbacks:
+        callback(sd_model)
+
+
+def on_app_started(callback, *, name=None):
+    """l.456; ``app_started_callback(demo, app)`` (l.253) runs them with the FastAPI app once it is built (webui.py
+    119, or 38 with ``--nowebui`` and ``demo`` None)."""
+    app_started_callbacks.append(callback)
+
+
+def app_started_callback(demo, app):
+    for callback in app_started_callbacks:
+        callback(demo, app)
+
+
 def on_infotext_pasted(callback):
     infotext_pasted_callbacks.append(callback)
 
