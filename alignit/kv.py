@@ -98,6 +98,16 @@ def linear_shape(module: torch.nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])
 
 
+def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
+    """Every cross-attention to_k/to_v of an ldm-layout UNet (A1111's, Forge's and ComfyUI's share the layer names),
+    by ``(layer, proj)``."""
+    found = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
+            found[(name[: -len(".to_k")], name[-1])] = module
+    return found
+
+
 def check_fits(name: str, weights: Mapping[Key, Projection], modules: Mapping[Key, torch.nn.Module]) -> None:
     """ConceptError when a concept's K/V weights name layers or shapes this UNet does not have."""
     missing = [key for key in weights if key not in modules]
@@ -129,6 +139,16 @@ class MarkedChunk:
 
 Project = Callable[[Key, torch.Tensor], torch.Tensor]
 """The host's own projection of rows by a layer (``W·x``, as the layer computes it now), for Custom Diffusion."""
+
+
+def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
+    """What each projection computes for some rows now (with whatever the host merged into it), without hooks."""
+
+    def project(key: Key, rows: torch.Tensor) -> torch.Tensor:
+        module = modules[key]
+        return type(module).forward(module, rows)
+
+    return project
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The ldm UNet A1111 runs: its cross-attention projections by name, and forward hooks on them that run a
-``KVRewriter`` for one sampling pass."""
+"""The ldm UNet A1111 runs: forward hooks on its cross-attention projections (``alignit.kv.attn2_modules``) that run
+a ``KVRewriter`` for one sampling pass."""
 
 from __future__ import annotations
 
@@ -8,28 +8,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ...kv import Delta, Key, KVRewriter, MarkedChunk, Project, Projection, is_linear
+from ...kv import Delta, Key, KVRewriter, MarkedChunk, Projection, attn2_modules, module_projection
 
 log = logging.getLogger("alignit")
-
-
-def attn2_modules(unet: torch.nn.Module) -> dict[Key, torch.nn.Module]:
-    """Every cross-attention to_k/to_v of an ldm-layout UNet, by ``(layer, proj)``."""
-    found = {}
-    for name, module in unet.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")) and is_linear(module):
-            found[(name[: -len(".to_k")], name[-1])] = module
-    return found
-
-
-def module_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
-    """What each projection computes for some rows now (with whatever the WebUI merged into it), without hooks."""
-
-    def project(key: Key, rows: torch.Tensor) -> torch.Tensor:
-        module = modules[key]
-        return type(module).forward(module, rows)
-
-    return project
 
 
 class KVInjector:
