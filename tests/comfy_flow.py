@@ -68,8 +68,9 @@ def sdxl(model_l, model_g, unet) -> SimpleNamespace:
 
 
 def clip_text_encode(clip, text):
-    """CLIPTextEncode.encode (nodes.py 73-77)."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    """CLIPTextEncode.encode (nodes.py 73-77), in inference mode."""
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 def concepts(*rows, **options):
@@ -82,8 +83,10 @@ def concepts(*rows, **options):
 
 
 def text_encode(checkpoint, text, chain, **options):
-    """AlignIT Text Encode: (CONDITIONING, MODEL, the node's UI messages)."""
-    out = nodes.AlignITTextEncode().encode(checkpoint.clip, checkpoint.model, text, chain, unique_id="5", **options)
+    """AlignIT Text Encode as ComfyUI runs a node (in inference mode, execution.py 688): (CONDITIONING, MODEL, the
+    node's UI messages)."""
+    with torch.inference_mode():
+        out = nodes.AlignITTextEncode().encode(checkpoint.clip, checkpoint.model, text, chain, unique_id="5", **options)
     conditioning, model = out["result"]
     return conditioning, model, out.get("ui", {}).get("text", [])
 

@@ -73,7 +73,6 @@ class AttentionPatch:
     def __init__(self, rewriter: KVRewriter):
         self.rewriter = rewriter
         self.active = True
-        self.error: str | None = None
         self._seen: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (where, context, value) just observed
 
     def install(self, model: Any) -> None:
@@ -111,9 +110,8 @@ class AttentionPatch:
                 rows = cond_batch_rows(extra, k.shape[0])
                 k = self.rewriter.rewrite((layer, "k"), seen[1], k, rows)
                 v = self.rewriter.rewrite((layer, "v"), seen[2], v, rows)
-            except Exception as error:  # a failure must cost the concept's K/V weights, not the image
-                log.exception("AlignIT: rewriting keys/values; the concept's own key/value weights are left out from here on")
-                self.error = f"{type(error).__name__}: {error}"
+            except Exception:  # a failure must cost the concept's K/V weights, not the image
+                log.exception("AlignIT: rewriting keys/values; the concepts' own key/value weights are left out from here on")
                 self.active = False
                 self.rewriter.release()
         if inner is not None:
