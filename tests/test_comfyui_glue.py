@@ -558,3 +558,24 @@ def test_the_checkout_loads_as_comfyui_loads_a_node_pack():
     finally:
         for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
             del sys.modules[loaded]
+
+
+def test_loha_parts_are_merged_by_comfyuis_maths(comfy):
+    """A LyCORIS LoHa on the cross-attention K/V: ``ΔW = s·(α/r)·(w1a@w1b)*(w2a@w2b)``, ComfyUI's adapter maths."""
+    state, deltas = {}, {}
+    for (layer, proj), (down, up, alpha) in comfy.factors.items():
+        base = "lora_unet_" + f"{layer}.to_{proj}".replace(".", "_")
+        state |= {f"{base}.hada_w1_a": up, f"{base}.hada_w1_b": down, f"{base}.alpha": alpha}
+        state |= {f"{base}.hada_w2_a": up * 0.5, f"{base}.hada_w2_b": down.clone()}
+        deltas[(layer, proj)] = float(alpha) / down.shape[0] * 0.7 * ((up @ down) * ((up * 0.5) @ down))
+    save_file(state, str(comfy.folder / "loras" / "loha.safetensors"))
+    on, off = [], []
+    cond, _, messages = run(
+        comfy, "a photo of ohwx playing", concepts(("ohwx", "man", "loras/loha.safetensors"), lora_weight=0.7), record=on
+    )
+    run(comfy, "a photo of man playing", record=off)
+    assert messages == []
+    c_prime = cond[0][0][0][4:5].clone()  # c' at strength 1 (its rows by the definition: test_lora_concept_by_the_definition)
+    check_kv(
+        on, off, 1.0, c_prime, [4], lambda key: attn2_modules(comfy.unet)[key].weight, lambda key, x: F.linear(x, deltas[key])
+    )
