@@ -86,6 +86,8 @@ def patched_model(model: Any, splicer: Splicer, unet_patches: Sequence[tuple[dic
 
 
 class _Run:
+    """One run's messages, its concepts, and what it falls back to."""
+
     def __init__(self, clip: Any, model: Any, text: str):
         self.clip, self.model, self.text = clip, model, text
         self.messages: list[str] = []
@@ -117,7 +119,10 @@ class _Run:
                 self.say(f"concept '{concept.trigger}': its trigger is not in the text; this concept is left out")
         return [pair for pair, count in zip(valid, found) if count]
 
-    def resolve(self, encoder: ComfyEncoder, pairs: list[tuple[Concept, ConceptInput]]) -> tuple[list, list, list]:
+    def resolve(
+        self, encoder: ComfyEncoder, pairs: list[tuple[Concept, ConceptInput]]
+    ) -> tuple[list[Concept], list[ConceptSource], list[tuple[dict, float]]]:
+        """The concepts whose sources resolve, their sources, and the "full"-scope LoRA patches for the MODEL clone."""
         concepts: list[Concept] = []
         sources: list[ConceptSource] = []
         unet_patches: list[tuple[dict, float]] = []
