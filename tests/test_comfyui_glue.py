@@ -24,7 +24,7 @@ from comfy_flow import clip_text_encode, concepts, kv_recorder, sample, text_enc
 from ldm_parts import alive, tiny_sd15_unet, weights_digest
 from safetensors.torch import save_file
 from server import PromptServer
-from weight_files import cd_state, random_cd_weights, random_factors, random_text_factors
+from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
 from alignit.hosts.comfyui import nodes
 from alignit.hosts.comfyui.attention import Replace, block_key, cond_batch_rows
@@ -578,4 +578,18 @@ def test_loha_parts_are_merged_by_comfyuis_maths(comfy):
     c_prime = cond[0][0][0][4:5].clone()  # c' at strength 1 (its rows by the definition: test_lora_concept_by_the_definition)
     check_kv(
         on, off, 1.0, c_prime, [4], lambda key: attn2_modules(comfy.unet)[key].weight, lambda key, x: F.linear(x, deltas[key])
+    )
+
+
+def test_lora_keys_comfyui_does_not_map_are_reported(comfy):
+    """diffusers' own LoRA files (``unet.…attn2.to_k.lora_A``): ComfyUI 0.8.0's key maps miss their UNet part, and
+    AlignIT says so; their text part still reaches p'."""
+    save_file(lora_state(comfy.factors, comfy.text, "peft"), str(comfy.folder / "loras" / "peft.safetensors"))
+    cond, model, messages = text_encode(comfy.checkpoint, "a photo of ohwx", concepts(("ohwx", "man", "loras/peft.safetensors")))
+    assert messages == [
+        "AlignIT: LoRA 'peft.safetensors': ComfyUI's key maps match 0 of its 32 cross-attention K/V parts; the others are "
+        "left out, as Load LoRA leaves them out"
+    ]
+    assert model is comfy.checkpoint.model and not torch.equal(
+        cond[0][0], clip_text_encode(comfy.checkpoint.clip, "a photo of man")[0][0]
     )

@@ -130,6 +130,8 @@ class _Run:
             resolver = ComfySources(encoder, self.model, item.lora_scope)
             try:
                 sources.append(resolve_source(concept, resolver))
+                for message in resolver.warnings:
+                    self.say(message)
             except (ConceptError, Unsupported) as error:
                 self.say(f"{error}; this concept is left out")
                 continue

@@ -30,6 +30,7 @@ from ...errors import ConceptError
 from ...kv import Delta, Dense, Key, LowRank, attn2_modules, check_fits
 from ...sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
 from ...sources.files import flatten, load_tensors, read_cached
+from ...sources.lora import parse_lora
 from .encoder import ComfyEncoder, unet
 
 CD_FOLDER = "custom_diffusion"
@@ -129,12 +130,13 @@ def _tensors(path: str) -> Mapping[str, torch.Tensor]:
 @dataclass
 class ComfySources:
     """``SourceResolver`` for one concept on a ComfyUI CLIP and MODEL; a LoRA in the "full" scope leaves its UNet
-    part (but the cross-attention K/V) in ``unet_patches`` for AlignIT's MODEL clone."""
+    part (but the cross-attention K/V) in ``unet_patches`` for AlignIT's MODEL clone; ``warnings`` for the user."""
 
     encoder: ComfyEncoder
     model: Any
     lora_scope: str = "kv"
     unet_patches: list[tuple[dict, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def _path(self, folder: str, concept: Concept, spec: SourceSpec) -> str:
         path = folder_paths.get_full_path(folder, spec.name)
@@ -163,6 +165,15 @@ class ComfySources:
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, self._path("loras", concept, spec))
         parts = lora_parts(self.model, self.encoder.clip, tensors, spec.weight)
+        try:  # what AlignIT's own reader finds, which knows key schemes ComfyUI 0.8.0 does not (diffusers' "unet.…")
+            held = len(parse_lora(spec.name, tensors).kv)
+        except ConceptError:
+            held = 0
+        if held > len(parts.kv):
+            self.warnings.append(
+                f"LoRA '{spec.name}': ComfyUI's key maps match {len(parts.kv)} of its {held} cross-attention K/V parts; "
+                "the others are left out, as Load LoRA leaves them out"
+            )
         if not parts.kv and not parts.text:
             raise ConceptError(
                 f"LoRA '{spec.name}' has no cross-attention K/V or text-encoder part that ComfyUI maps onto this model: "
