@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -146,12 +147,12 @@ def running_comfyui(folder: Path, tmp: Path) -> Iterator[Server]:
                 time.sleep(3)
         server.log = log  # type: ignore[attr-defined]
         yield server
-    finally:
-        process.terminate()
+    finally:  # the whole process group: flock does not pass signals on to the server
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
         link.unlink()
         for path in placed:
             path.unlink()
