@@ -159,10 +159,18 @@ def layout_prompt(text: str, tokenizer: Tokenizer, options: LayoutOptions = Layo
 
     if chunk.tokens or not chunks:
         close_chunk()
+    assign_spans(chunks)
+    return chunks
+
+
+def assign_spans(chunks: list[Chunk]) -> None:
+    """Fill each chunk's ``spans`` from its ``tags``; an occurrence continued in a later chunk gets ``part`` 1 there.
+
+    ``layout_prompt`` calls it; a host that lays prompts out with its own algorithm (ComfyUI's chunking is not the
+    WebUI's) tags the rows itself and calls it."""
     for item in chunks:
         item.spans = _spans(item.tags)
     _number_parts(chunks)
-    return chunks
 
 
 def _spans(tags: list[Tag]) -> list[Span]:

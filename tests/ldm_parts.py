@@ -38,6 +38,17 @@ def tiny_sd15_unet(context_dim: int = 32) -> UNetModel:
     return unet(context_dim, 32, [1, 2, 4, 4], [4, 2, 1], num_res_blocks=2, num_head_channels=16)
 
 
+def alive(unet: UNetModel, seed: int = 1) -> UNetModel:
+    """Small random values in the layers ldm initialises to zero (ResBlock output convs, ``proj_out``, the final conv),
+    so that the UNet's output depends on its input and its context."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return unet
+
+
 def weights_digest(module: torch.nn.Module) -> dict[str, bytes]:
     """Every parameter and buffer's bytes, to show a model is bit-identical before and after."""
     return {name: tensor.detach().cpu().numpy().tobytes() for name, tensor in module.state_dict().items()}
