@@ -159,3 +159,12 @@ def test_sources_made_for_another_model(tmp_path, models):
     save_file({"x.weight": torch.zeros(2, 2), "y.weight": torch.zeros(2)}, str(tmp_path / "nothing.safetensors"))
     with pytest.raises(ConceptError, match="is not a textual-inversion embedding"):
         AlignIT(sd15, [Concept("<x>", "cat", str(tmp_path / "nothing.safetensors"))])
+
+
+def test_lycoris_files_are_refused_with_a_message(tmp_path, models):
+    """LoHa parts on a cross-attention K/V (kohya names): refused by name, not read as a LoRA without K/V parts."""
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    parts = {f"{module}.hada_w{i}_{ab}": torch.ones(2, 2) for i in (1, 2) for ab in "ab"} | {f"{module}.alpha": torch.tensor(2.0)}
+    save_file(parts, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(ConceptError, match=r"loha.safetensors' holds LyCORIS modules .*plain LoRA only"):
+        AlignIT(load_pipeline(models["sd15"]), [Concept("ohwx", "cat", f"lora:{tmp_path / 'loha.safetensors'}")])

@@ -198,6 +198,11 @@ class DiffusersSources:
         factors = files.lora
         if factors is None:
             raise ConceptError(f"concept '{concept.trigger}': '{files.name}' holds no LoRA factors")
+        if factors.kv_parts or factors.text_parts or factors.text_2_parts:
+            raise ConceptError(
+                f"LoRA '{files.name}' holds LyCORIS modules (LoHa, LoKr, (IA)³, DoRA or full diffs): AlignIT on diffusers "
+                "reads plain LoRA only (the WebUIs read these)"
+            )
         weight = files.lora_weight
         kv = {key: projection.times(weight) for key, projection in factors.kv.items()}
         parts = [{key: projection.times(weight) for key, projection in part.items()} for part in (factors.text, factors.text_2)]
