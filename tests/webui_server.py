@@ -234,10 +234,11 @@ def running_webui(
     family: str = "sd15",
     embeddings: Mapping[str, int] | None = None,
     options: dict | None = None,
+    ui: bool = False,
 ) -> Iterator[str]:
     """Start the WebUI in ``folder`` on a free port with ``arguments``, test sources for a model ``family`` (and
-    extra test ``embeddings``: name → vectors) and WebUI ``options`` set for the run; yield its URL; stop it and
-    clean up."""
+    extra test ``embeddings``: name → vectors) and WebUI ``options`` set for the run, API only unless ``ui``; yield
+    its URL; stop it and clean up."""
     created = [path for path in (folder / "models" / "CustomDiffusion", folder / "models" / "Lora") if not path.exists()]
     links = {folder / "extensions" / "alignit": ROOT, folder / "extensions" / "alignit_probe": PROBE}
     written = (
@@ -252,7 +253,8 @@ def running_webui(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [python, "launch.py", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port), *arguments]
+    api = ["--api"] if ui else ["--api", "--nowebui"]
+    command = [python, "launch.py", *api, "--server-name", "127.0.0.1", "--port", str(port), *arguments]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log, "w") as out:
         server = subprocess.Popen(command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
