@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "contract")]
 
 import networks  # noqa: E402
-from clip_parts import clip_tokenizer, clip_vit_bigg_text_model, clip_vit_l_text_model  # noqa: E402
+from clip_parts import clip_tokenizer, clip_vit_l_text_model, open_clip_vit_bigg_text_model  # noqa: E402
 from ldm_parts import sd15_unet, sdxl_shaped_unet  # noqa: E402
 from modules import prompt_parser, sd_hijack, shared  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -200,7 +200,7 @@ def main() -> None:
     text_model = clip_vit_l_text_model()
     if sdxl:
         unet = sdxl_shaped_unet()
-        shared.sd_model = FakeSDXLModel(text_model, clip_vit_bigg_text_model(), clip_tokenizer(), unet)
+        shared.sd_model = FakeSDXLModel(text_model, open_clip_vit_bigg_text_model(), clip_tokenizer(), unet)
     else:
         unet = sd15_unet()
         shared.sd_model = FakeModel(text_model, clip_tokenizer(), unet)

@@ -92,9 +92,10 @@ def clip_vit_l_text_model() -> CLIPTextModel:
     return clip_text_model(768, layers=12, heads=12)
 
 
-def clip_vit_bigg_text_model() -> CLIPTextModel:
-    """OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder) from its sizes: 1280 wide, 32 layers, 20 heads."""
-    return clip_text_model(1280, layers=32, heads=20)
+def open_clip_vit_bigg_text_model() -> OpenClipText:
+    """OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder, as sgm wraps it) from its sizes: 1280 wide, 32
+    layers, 20 heads."""
+    return open_clip_text_model(1280, layers=32, heads=20)
 
 
 class _ResidualAttentionBlock(torch.nn.Module):
