@@ -561,6 +561,15 @@ def test_the_checkout_loads_as_comfyui_loads_a_node_pack():
             del sys.modules[loaded]
 
 
+def test_the_checkout_imports_as_a_plain_module_without_nodes():
+    """pytest imports the root __init__.py as a plain module when the checkout's folder name is no identifier."""
+    spec = importlib.util.spec_from_file_location("__init__", ROOT / "__init__.py", submodule_search_locations=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = ""
+    spec.loader.exec_module(module)
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")
+
+
 def test_loha_parts_are_merged_by_comfyuis_maths(comfy):
     """A LyCORIS LoHa on the cross-attention K/V: ``ΔW = s·(α/r)·(w1a@w1b)*(w2a@w2b)``, ComfyUI's adapter maths."""
     state, deltas = {}, {}

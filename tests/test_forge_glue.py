@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from webui_flow import script_args
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
+from alignit.attn2_slots import block_key, cond_batch_rows
 from alignit.hosts.webui import flow
-from alignit.hosts.webui.forge_attention import block_key, cond_batch_rows
 from alignit.kv import ConceptRows, KVRewriter, LowRank, MarkedChunk
 from alignit.kv_hooks import KVInjector, attn2_modules
 

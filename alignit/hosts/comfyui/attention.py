@@ -21,46 +21,17 @@ AlignIT's state. A node that puts its own replace patch on AlignIT's MODEL outpu
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from comfy.ldm.modules import attention
 
+from ...attn2_slots import block_key, cond_batch_rows
 from ...kv import KVRewriter
 
 log = logging.getLogger("alignit")
-
-_LAYER = re.compile(r"^(?:(input|output)_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.attn2$")
-
-
-def block_key(layer: str) -> tuple[str, int, int]:
-    """ComfyUI's replace-patch slot ``(block, id, block_index)`` of an ldm layer path (openaimodel.py 872/886/893,
-    attention.py 1020)."""
-    match = _LAYER.match(layer)
-    if match is None:
-        raise ValueError(f"{layer} is not a cross-attention layer of an SD UNet")
-    kind, number, index = match.groups()
-    return (kind or "middle", int(number or 0), int(index))
-
-
-def cond_batch_rows(extra_options: dict, batch: int) -> torch.Tensor | None:
-    """Batch rows of the cond chunks: the batch is ``len(cond_or_uncond)`` equal chunks, 0 marking cond
-    (comfy/samplers.py 292-314)."""
-    order = extra_options.get("cond_or_uncond")
-    return _cond_rows(tuple(order), batch) if order else None
-
-
-@functools.lru_cache(maxsize=32)
-def _cond_rows(order: tuple[int, ...], batch: int) -> torch.Tensor | None:
-    if batch % len(order):
-        return None
-    size = batch // len(order)
-    rows = [chunk * size + i for chunk, kind in enumerate(order) if kind == 0 for i in range(size)]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def _where(extra_options: dict) -> tuple:

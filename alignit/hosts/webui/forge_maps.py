@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ...attention_maps import LEVELS, CallColumns, MapRecorder, layer_grid
+from ...attn2_slots import block_key
 from ...kv_hooks import attn2_factors
-from .forge_attention import Attention, block_key, block_of
+from .forge_attention import Attention, block_of
 
 log = logging.getLogger("alignit")
 
