@@ -201,6 +201,8 @@ def _refiner_alias(folder: Path, arguments: Sequence[str], family: str) -> list[
     if family != "sd15" or "--ckpt" not in arguments:
         return []
     alias = folder / "models" / "Stable-diffusion" / f"{REFINER}.safetensors"
+    if alias.is_symlink():  # left by a run that was killed
+        alias.unlink()
     alias.symlink_to(Path(arguments[list(arguments).index("--ckpt") + 1]).resolve())
     return [alias]
 
