@@ -14,6 +14,9 @@
         placeholder: "The neutral one-token word that stands for every other token of the concept's dummy prompt.",
         lora_scope: "kv: the UNet keeps its base weights and a concept's LoRA acts only on the concept's keys and values. full: the LoRA's UNet part applies to the whole image, every other token keeps base keys and values.",
         refresh: "Read the WebUI's embeddings, LoRA list and Custom Diffusion folder again for the Source lists.",
+        maps_on: "After the images, heat maps of where each word of the prompt lands in the image (DAAM), one per word, with AlignIT on or off.",
+        maps_compare: "Also render the same seed with AlignIT off and the trigger kept, and show its maps beside AlignIT's, one row per word.",
+        maps_words: "The words to map, comma-separated. Empty: the concept and the prompt's other content words, at most 8.",
     };
     const id = /^alignit_(?:txt2img|img2img)_([a-z_]+?)(?:_\d+)*$/;
 

@@ -65,16 +65,23 @@ for (const [name, sel] of Object.entries({
     source: "#alignit_txt2img_source_0 input", strength: "#alignit_txt2img_strength_0 input[type=range]",
     start: "#alignit_txt2img_start input[type=number]", placeholder: "#alignit_txt2img_placeholder textarea, #alignit_txt2img_placeholder input",
     lora_scope: "#alignit_txt2img_lora_scope input", refresh: "#alignit_txt2img_refresh",
+    maps_on: "#alignit_txt2img_maps_on input", maps_compare: "#alignit_txt2img_maps_compare input",
+    maps_words: "#alignit_txt2img_maps_words textarea, #alignit_txt2img_maps_words input",
 })) report.hints[name] = await hintOf(sel);
 
 // the source list on first open
 const source = page.locator("#alignit_txt2img_source_0 input").first();
 report.sourceValue = await source.inputValue();
+const opened = Date.now();
 await source.click();
-await page.waitForTimeout(2500);
 const options = page.locator("#alignit_txt2img_source_0 ul.options li, ul.options li");
-report.sourceOptions = await options.allTextContents();
-report.sourceOptions = report.sourceOptions.map((t) => t.replace(/^✓\s*/, "").trim());
+// the list is read again when it opens: wait (at most 20 s) until it holds the test embedding
+for (let i = 0; i < 40; i++) {
+    report.sourceOptions = (await options.allTextContents()).map((t) => t.replace(/^✓\s*/, "").trim());
+    if (report.sourceOptions.includes("alignit_test_sks")) break;
+    await page.waitForTimeout(500);
+}
+report.sourceListSeconds = (Date.now() - opened) / 1000;
 await acc.screenshot({ path: `${out}/source_list.png` });
 await page.keyboard.press("Escape");
 await page.locator("#alignit_txt2img_enabled input").click();  // move focus away
@@ -88,7 +95,11 @@ await page.locator("#alignit_txt2img_trigger_1").locator("textarea, input").firs
 await page.locator("#alignit_txt2img_class_1").locator("textarea, input").first().fill("man");
 const t0 = Date.now();
 await page.locator("#alignit_txt2img_suggest_0").click();
-await page.locator("#alignit_txt2img_suggestion_0_0").waitFor({ state: "visible", timeout: 600000 });
+// the row shows its five buttons at once (empty while ranking): wait for the first word
+await page.waitForFunction(() => {
+    const b = document.querySelector("#alignit_txt2img_suggestion_0_0");
+    return b && b.textContent.trim() !== "";
+}, null, { timeout: 600000 });
 report.suggestSeconds = (Date.now() - t0) / 1000;
 report.suggestions = await page.locator("[id^='alignit_txt2img_suggestion_0_']").allTextContents();
 await page.waitForTimeout(800);
