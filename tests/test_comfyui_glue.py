@@ -416,6 +416,7 @@ def test_messages_reach_the_node_and_the_console(comfy, caplog):
         ),
         (("<sks>", "cat", "embeddings/wide.safetensors"), "a <sks>", "made for another model family"),
         (("<new1> cat", "cat", "custom_diffusion/broken.bin"), "a <new1> cat", "cannot read broken.bin"),
+        (("ohwx", "man", "loras/ia3.safetensors"), "a ohwx", "holds (IA)³ modules, which ComfyUI's LoRA loader does not read"),
     ],
 )
 def test_bad_concepts_leave_the_plain_conditioning(comfy, row, text, expected, tmp_path):
@@ -423,6 +424,11 @@ def test_bad_concepts_leave_the_plain_conditioning(comfy, row, text, expected, t
     torch.save({"string_to_param": {"*": _Reduce(os.system, f"touch '{marker}'")}}, comfy.folder / "embeddings" / "evil.pt")
     save_file({"emb_params": torch.ones(1, 768)}, str(comfy.folder / "embeddings" / "wide.safetensors"))
     (comfy.folder / "custom_diffusion" / "broken.bin").write_bytes(b"not a delta")
+    ia3 = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    save_file(
+        {f"{ia3}.weight": torch.ones(320), f"{ia3}.on_input": torch.tensor(False)},
+        str(comfy.folder / "loras" / "ia3.safetensors"),
+    )
     cond, model, messages = text_encode(comfy.checkpoint, text, concepts(row))
     assert expected in messages[0] and messages[-1] == "AlignIT: no usable concept; encoding without AlignIT"
     assert all("\n" not in message for message in messages)

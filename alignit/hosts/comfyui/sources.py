@@ -165,6 +165,10 @@ class ComfySources:
 
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, self._path("loras", concept, spec))
+        if any(key.endswith(".on_input") for key in tensors):
+            raise ConceptError(
+                f"LoRA '{spec.name}' holds (IA)³ modules, which ComfyUI's LoRA loader does not read (A1111's does)"
+            )
         parts = lora_parts(self.model, self.encoder.clip, tensors, spec.weight)
         try:  # what AlignIT's own reader finds, which knows key schemes ComfyUI 0.8.0 does not (diffusers' "unet.…")
             held = len(parse_lora(spec.name, tensors).kv)
