@@ -1,7 +1,7 @@
 """A text encoder built on a transformers CLIP model that encodes prompts the way the A1111 WebUI does.
 
-It is AlignIT's reference host: the standalone path and the tests use it, with the same chunking, emphasis modes,
-CLIP skip and embedding insertion as A1111 ``sd_hijack_clip`` / ``sd_emphasis`` / ``sd_hijack.EmbeddingsWithFixes``.
+The tests' reference encoder: the same chunking, emphasis modes, CLIP skip and embedding insertion as A1111's
+``sd_hijack_clip`` / ``sd_emphasis`` / ``sd_hijack.EmbeddingsWithFixes``, on a transformers CLIP text model.
 """
 
 from __future__ import annotations
