@@ -93,6 +93,10 @@ class ContractClip(torch.nn.Module):
         """The attention fragments of ``line`` (``[[text, weight]]``; ``["BREAK", -1]`` for a BREAK)."""
         raise NotImplementedError
 
+    def embedding_database(self):
+        """The embedding database tokenization reads."""
+        return self.database
+
     def take_fixes(self):
         """The pending fixes of the batch about to be encoded, cleared as the WebUI clears them."""
         raise NotImplementedError
@@ -152,7 +156,7 @@ class ContractClip(torch.nn.Module):
                     chunk.tokens, chunk.multipliers = moved
                 if len(chunk.tokens) == CHUNK_LENGTH:
                     close()
-                embedding, length = self.database.find_embedding_at_position(tokens, position)
+                embedding, length = self.embedding_database().find_embedding_at_position(tokens, position)
                 if embedding is None:
                     chunk.tokens.append(token)
                     chunk.multipliers.append(weight)

@@ -6,7 +6,6 @@ or an open_clip model (``wrapped.model``, whose ``transformer`` is the text towe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,9 +13,10 @@ from modules import devices, shared
 from modules.sd_hijack_clip import PromptChunkFix
 
 from ...engine import check_same_layout
-from ...errors import ConceptError, Unsupported
+from ...errors import Unsupported
 from ...layout import Chunk, EmbeddingMatch, LayoutOptions
 from ...text_lora import TextTower
+from . import sources as webui_sources
 
 
 def text_tower(clip: Any) -> TextTower:
@@ -64,10 +64,7 @@ class A1111Encoder:
         check_same_layout(plain_text, chunks, (clip.tokenize_line(plain_text)[0] for clip in self.clips))
 
     def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
-        """What ``sd_hijack.EmbeddingsWithFixes`` reads from an embedding: ``vec`` (and ``vectors``)."""
-        if self.is_sdxl:
-            raise ConceptError(f"'{name}' holds one text encoder's vectors; an SDXL model needs clip_l and clip_g")
-        return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
+        return webui_sources.embedding_handle(name, vectors, self.is_sdxl)
 
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
         return self.encode_chunks([tokens], [multipliers], [fixes])[0]
@@ -80,5 +77,8 @@ class A1111Encoder:
         with devices.autocast():
             for clip in self.clips:
                 clip.hijack.fixes = [[PromptChunkFix(offset, embedding) for offset, embedding in chunk] for chunk in fixes]
-                rows.append(clip.process_tokens([list(t) for t in tokens], [list(m) for m in multipliers]))
+                try:
+                    rows.append(clip.process_tokens([list(t) for t in tokens], [list(m) for m in multipliers]))
+                finally:  # the token embedding takes them; an error before that must not leave them to the next encoding
+                    clip.hijack.fixes = None
         return torch.cat(rows, dim=-1)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -15,9 +14,10 @@ from backend.text_processing.classic_engine import PromptChunkFix
 from modules import shared
 
 from ...engine import check_same_layout
-from ...errors import ConceptError, NotLoaded, Unsupported
+from ...errors import NotLoaded, Unsupported
 from ...layout import Chunk, EmbeddingMatch, LayoutOptions
 from ...text_lora import TextTower
+from . import sources as webui_sources
 
 COMMA_BACKTRACK = 20  # classic_engine.py tokenize_line: fixed there, not read from the setting as on A1111
 
@@ -68,10 +68,7 @@ class ForgeEncoder:
         check_same_layout(plain_text, chunks, (self._own_layout(engine, plain_text) for engine in self.engines))
 
     def embedding_handle(self, name: str, vectors: torch.Tensor) -> Any:
-        """What ``CLIPEmbeddingForTextualInversion`` reads from an embedding: ``vec`` (and ``vectors``)."""
-        if self.is_sdxl:
-            raise ConceptError(f"'{name}' holds one text encoder's vectors; an SDXL model needs clip_l and clip_g")
-        return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])
+        return webui_sources.embedding_handle(name, vectors, self.is_sdxl)
 
     def encode_chunk(self, tokens: Sequence[int], multipliers: Sequence[float], fixes: Sequence[tuple[int, Any]]) -> torch.Tensor:
         return self.encode_chunks([tokens], [multipliers], [fixes])[0]

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 from modules import paths, shared
 
 from ...concepts import Concept, parse_source
@@ -114,3 +116,11 @@ def resolve_lora(
         kv=kv,
         global_kv=kv if lora_scope == "full" else {},
     )
+
+
+def embedding_handle(name: str, vectors: torch.Tensor, is_sdxl: bool) -> Any:
+    """What both WebUIs' embedding layers read from an embedding (A1111's ``sd_hijack.EmbeddingsWithFixes``, Forge's
+    ``CLIPEmbeddingForTextualInversion``): ``vec`` and ``vectors``; an SDXL model needs one tensor per encoder."""
+    if is_sdxl:
+        raise ConceptError(f"'{name}' holds one text encoder's vectors; an SDXL model needs clip_l and clip_g")
+    return SimpleNamespace(name=name, vec=vectors, vectors=vectors.shape[0])

@@ -17,6 +17,11 @@ class FrozenCLIPEmbedderWithCustomWords(ContractClip):
         super().__init__(model, tokenizer, hijack.embedding_db, textual_inversion_key)
         self.hijack = hijack
 
+    def embedding_database(self):
+        """sd_hijack_clip.py:154: ``self.hijack.embedding_db``, read at each tokenization (a model built before the
+        database was replaced still finds the new one)."""
+        return self.hijack.embedding_db
+
     def options(self):
         opts = shared.opts
         return opts.emphasis, opts.CLIP_stop_at_last_layers, opts.comma_padding_backtrack
