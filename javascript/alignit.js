@@ -40,7 +40,11 @@
     onUiLoaded(function () {
         setHints();
         for (const tab of ["txt2img", "img2img"]) {
-            gradioApp().getElementById(`alignit_${tab}_refresh`)?.click();
+            const refresh = () => gradioApp().getElementById(`alignit_${tab}_refresh`)?.click();
+            refresh();
+            // A click at page load can come before Gradio listens, and a list that is open does not redraw when its
+            // choices change: read the sources again whenever the accordion is opened, before any list is.
+            gradioApp().querySelector(`#alignit_${tab} .label-wrap`)?.addEventListener("click", refresh);
         }
     });
 })();

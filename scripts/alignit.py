@@ -28,6 +28,11 @@ MODELS = (
 )
 
 
+def refreshed(value: str) -> dict:
+    """A source list read again, keeping the field's value (Gradio 4, Forge's, selects the first new choice otherwise)."""
+    return gr.update(choices=HOST.source_choices(), value=value)
+
+
 def model_note() -> str:
     """The accordion's note: which models AlignIT applies to, and whether the loaded one is among them."""
     problem = webui.model_problem(HOST)
@@ -109,10 +114,10 @@ class AlignITScript(scripts.Script):
                 refresh = gr.Button("Refresh sources", elem_id=f"alignit_{tab}_refresh")
             maps = self.maps_ui(tab)
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
-        refresh.click(lambda: [gr.update(choices=HOST.source_choices()) for _ in sources], inputs=[], outputs=sources)
+        refresh.click(lambda *values: [refreshed(value) for value in values], inputs=sources, outputs=sources)
         enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
         for source in sources:  # embeddings load after the UI is built: the list is read again whenever it opens
-            source.focus(lambda: gr.update(choices=HOST.source_choices()), inputs=[], outputs=[source])
+            source.focus(refreshed, inputs=[source], outputs=[source])
         width = len(alignit_args.ROW_FIELDS)
         for i, wire in enumerate(suggesting):
             wire(*rows[i * width : (i + 1) * width], placeholder)

@@ -72,6 +72,9 @@ for (const [name, sel] of Object.entries({
 // the source list on first open
 const source = page.locator("#alignit_txt2img_source_0 input").first();
 report.sourceValue = await source.inputValue();
+// after the page's own refresh of the lists, every source field still holds what it held (nothing)
+report.sourceValuesAfterLoad = [];
+for (let i = 0; i < 3; i++) report.sourceValuesAfterLoad.push(await page.locator(`#alignit_txt2img_source_${i} input`).first().inputValue());
 const opened = Date.now();
 await source.click();
 const options = page.locator("#alignit_txt2img_source_0 ul.options li, ul.options li");
