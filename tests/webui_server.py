@@ -84,14 +84,14 @@ def write_embedding(folder: Path, family: str, name: str, vectors: int, seed: in
     return path
 
 
-def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int]) -> list[Path]:
+def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int] | None = None) -> list[Path]:
     """A test embedding (and ``embeddings``: name → vectors), LoRA (kohya LDM names, and kohya diffusers names with
     text-encoder parts) and Custom Diffusion delta (with a modifier token on SD1.5) for a model family, in the
     WebUI's folders."""
     from safetensors.torch import save_file
 
     shapes = FAMILIES[family]
-    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in enumerate(embeddings.items(), 10)]
+    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in enumerate((embeddings or {}).items(), 10)]
     generator = torch.Generator().manual_seed(3)
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
     save_file(
