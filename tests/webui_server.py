@@ -91,7 +91,8 @@ def _write_sources(folder: Path, family: str, embeddings: Mapping[str, int] | No
     from safetensors.torch import save_file
 
     shapes = FAMILIES[family]
-    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in enumerate((embeddings or {}).items(), 10)]
+    extra = enumerate((embeddings or {}).items(), 10)
+    written = [write_embedding(folder, family, name, count, seed) for seed, (name, count) in extra]
     generator = torch.Generator().manual_seed(3)
     embedding = folder / "embeddings" / f"{EMBEDDING}.safetensors"
     save_file(
