@@ -7,7 +7,7 @@
         class: "What the concept is (cat, woman, backpack): the base model conditions on this word, and AlignIT puts the concept's own rows in its place. Plain words only.",
         suggest: "Rank class words for this row's concept: how close each word's cross-attention keys are to the concept's. Click one of the five to use it.",
         suggestion: "Use this class word (the number: how close its keys are to the concept's, 1 at most).",
-        source: "What carries the concept: an embedding, lora:NAME[:WEIGHT] from the LoRA list, or cd:NAME from the Custom Diffusion folder. Empty: the embedding named like the trigger. The list is read again whenever it opens.",
+        source: "What carries the concept: an embedding, lora:NAME[:WEIGHT] from the LoRA list, or cd:NAME from the Custom Diffusion folder. Empty: the embedding named like the trigger. The list is read again when the accordion opens (on A1111 also whenever the list opens).",
         strength: "1: the concept as it is; 0: the plain class word; in between, a blend of the two (up to 2).",
         start: "AlignIT starts at this fraction of the sampling steps; before it, the plain class word.",
         end: "AlignIT stops at this fraction of the sampling steps; after it, the plain class word.",

@@ -28,9 +28,21 @@ MODELS = (
 )
 
 
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
+# Gradio 4 (Forge's) shows a dropdown whose value is empty as holding its first choice (dropdown/shared/Dropdown.svelte
+# 47-65), so there the list starts with the empty source, named; Gradio 3 (A1111's) shows the field empty.
+TRIGGERS_OWN = ("(the embedding named like the trigger)", "")
+
+
+def source_choices() -> list:
+    """What a Source list offers: every embedding, LoRA and Custom Diffusion file (on Gradio 4, the empty source first)."""
+    choices = HOST.source_choices()
+    return [TRIGGERS_OWN, *choices] if GRADIO_4 else choices
+
+
 def refreshed(value: str) -> dict:
-    """A source list read again, keeping the field's value (Gradio 4, Forge's, selects the first new choice otherwise)."""
-    return gr.update(choices=HOST.source_choices(), value=value)
+    """A source list read again, keeping the field's value."""
+    return gr.update(choices=source_choices(), value=value)
 
 
 def model_note() -> str:
@@ -59,7 +71,7 @@ class AlignITScript(scripts.Script):
             )
             source = gr.Dropdown(
                 label="Source",
-                choices=HOST.source_choices(),
+                choices=source_choices(),
                 value="",
                 allow_custom_value=True,
                 elem_id=f"alignit_{tab}_source_{i}",
@@ -116,7 +128,9 @@ class AlignITScript(scripts.Script):
         sources = rows[2 :: len(alignit_args.ROW_FIELDS)]
         refresh.click(lambda *values: [refreshed(value) for value in values], inputs=sources, outputs=sources)
         enabled.change(lambda _: gr.update(value=model_note()), inputs=[enabled], outputs=[note])
-        for source in sources:  # embeddings load after the UI is built: the list is read again whenever it opens
+        # Embeddings load after the UI is built: the lists are read again when the accordion opens (alignit.js) and,
+        # on Gradio 3, whenever a list opens (on Gradio 4 an update while it opens redraws the list under the pointer).
+        for source in sources if not GRADIO_4 else []:
             source.focus(refreshed, inputs=[source], outputs=[source])
         width = len(alignit_args.ROW_FIELDS)
         for i, wire in enumerate(suggesting):
