@@ -136,6 +136,20 @@ for (const [name, tail] of Object.entries({
     report.paste[name] = await fields();
 }
 await acc.screenshot({ path: `${out}/pasted.png` });
+
+// the attention maps in the gallery: a small generation (the pasted Steps: 2, Size: 64x64) with AlignIT and the maps
+await prompt.fill(base + 'AlignIT 1: "alignit_test_sks → cat, source: alignit_test_sks"');
+await page.locator("#paste").first().click();
+await page.waitForTimeout(3000);
+await page.locator("#alignit_txt2img_maps_on input").check();
+const generated = Date.now();
+await page.locator("#txt2img_generate").click();
+await page.waitForFunction(() => document.querySelectorAll("#txt2img_gallery img").length >= 2, null, { timeout: 900000 });
+await page.waitForTimeout(2000);
+report.mapsSeconds = (Date.now() - generated) / 1000;
+report.galleryImages = await page.locator("#txt2img_gallery img").count();
+await page.locator("#txt2img_gallery").screenshot({ path: `${out}/maps_gallery.png` });
+await page.locator("#alignit_txt2img_maps_on input").uncheck();
 report.consoleErrors = consoleErrors;
 fs.writeFileSync(`${out}/report.json`, JSON.stringify(report, null, 2));
 console.log(JSON.stringify(report, null, 2));
