@@ -567,11 +567,14 @@ def test_the_checkout_loads_as_comfyui_loads_a_node_pack():
             del sys.modules[loaded]
 
 
-def test_the_checkout_imports_as_a_plain_module_without_nodes():
-    """pytest imports the root __init__.py as a plain module when the checkout's folder name is no identifier."""
-    spec = importlib.util.spec_from_file_location("__init__", ROOT / "__init__.py", submodule_search_locations=None)
+@pytest.mark.parametrize("package", ["", "alignit_checkout"])
+def test_the_checkout_imports_without_comfyui_and_without_nodes(package, monkeypatch):
+    """pytest imports the root __init__.py as the package of the tests' root folder (as a plain module when the
+    folder's name is no identifier) in environments without ComfyUI: it must import nothing then."""
+    monkeypatch.delitem(sys.modules, "folder_paths")
+    spec = importlib.util.spec_from_file_location(package or "__init__", ROOT / "__init__.py")
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = ""
+    module.__package__ = package
     spec.loader.exec_module(module)
     assert not hasattr(module, "NODE_CLASS_MAPPINGS")
 
