@@ -276,8 +276,9 @@ def running_webui(
         settings = {"live_previews_enable": False, "emphasis": "Original", **(options or {})}
         saved = {key: value for key, value in call(url, "/sdapi/v1/options").items() if key in settings}
         call(url, "/sdapi/v1/options", settings)
-        call(url, "/sdapi/v1/refresh-embeddings", {})
-        call(url, "/sdapi/v1/refresh-loras", {})
+        if not ui:  # with its UI, the WebUI reads them itself (Forge's refresh-embeddings fails before a model loads)
+            call(url, "/sdapi/v1/refresh-embeddings", {})
+            call(url, "/sdapi/v1/refresh-loras", {})
         try:
             yield url
         finally:
