@@ -278,11 +278,17 @@ def test_the_button_says_why_in_one_line(host):
     assert message == "" and len(found) == 5
 
 
-def test_forge_loads_its_model_first(host):
+def test_forge_loads_its_model_first(host, monkeypatch):
+    """Forge loads (and patches) its models under inference mode: Suggest does its work there too, on Forge."""
     sd_models.reloads.clear()
+    modes = []
+    kind = type(host.glue.encoder())
+    encode = kind.encode_chunks
+    monkeypatch.setattr(kind, "encode_chunks", lambda *a: modes.append(torch.is_inference_mode_enabled()) or encode(*a))
     host.database.register_embedding(sd_hijack.Embedding(torch.randn(1, 32), "mypet"), word_ids(host, "mypet"))
     ask(host, "mypet")
     assert len(sd_models.reloads) == (host.kind == "forge")
+    assert modes and set(modes) == {host.kind == "forge"}
 
 
 def test_word_lists():

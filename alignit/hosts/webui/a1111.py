@@ -7,6 +7,7 @@ retire themselves (they check the job) or are removed when the next generation b
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +84,10 @@ class A1111Host:
 
     def source_choices(self) -> list[str]:
         return a1111_sources.source_choices()
+
+    def grad_mode(self) -> contextlib.AbstractContextManager:
+        """A1111 encodes and samples under ``torch.no_grad()``."""
+        return torch.no_grad()
 
     def load_model(self) -> None:
         """Nothing to do: reading ``shared.sd_model`` loads the selected checkpoint when none is loaded."""

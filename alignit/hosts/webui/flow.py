@@ -19,6 +19,7 @@ Both WebUIs keep A1111's ``prompt_parser`` (AND, prompt editing, ``MulticondLear
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -93,6 +94,10 @@ class Host(Protocol):
 
     def cross_attention(self) -> dict[Key, torch.nn.Module]:
         """The loaded UNet's cross-attention ``to_k``/``to_v`` projections."""
+        ...
+
+    def grad_mode(self) -> contextlib.AbstractContextManager:
+        """The autograd mode the WebUI's own generation runs its models in, for work outside a generation."""
         ...
 
 

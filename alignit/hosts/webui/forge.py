@@ -8,6 +8,7 @@ concepts: in ``process_before_every_sampling`` (first pass, and each hires call,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ class ForgeHost:
     def load_model(self) -> None:
         """Forge loads a checkpoint at the first generation (processing.py 804): do the same here."""
         sd_models.forge_model_reload()
+
+    def grad_mode(self) -> contextlib.AbstractContextManager:
+        """Forge loads and patches its models under inference mode (sd_models.py 472, processing.py 911): work with
+        them outside it (Suggest before a first generation) left tensors that broke every later generation."""
+        return torch.inference_mode()
 
     def cross_attention(self) -> dict[Key, torch.nn.Module]:
         return attn2_modules(shared.sd_model.forge_objects.unet.model.diffusion_model)

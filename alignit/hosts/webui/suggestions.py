@@ -105,7 +105,7 @@ def key_projection(modules: Mapping[Key, torch.nn.Module]) -> Project:
 
 def run(host: Host, request: SuggestRequest) -> list[Suggestion]:
     """Rank the candidates for the request's concept with the loaded model (ConceptError / Unsupported say why not)."""
-    with call_queue.queue_lock:
+    with call_queue.queue_lock, host.grad_mode():
         host.load_model()
         encoder = host.encoder()
         concept = Concept(request.trigger, request.class_word, request.source, request.strength)
