@@ -29,6 +29,7 @@ MODELS = (
 
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
+ROW_MIN = 120  # px: a concept row's four fields and its Suggest button stay on one line in the accordion
 # Gradio 4 (Forge's) shows a dropdown whose value is empty as holding its first choice (dropdown/shared/Dropdown.svelte
 # 47-65), so there the list starts with the empty source, named; Gradio 3 (A1111's) shows the field empty.
 TRIGGERS_OWN = ("(the embedding named like the trigger)", "")
@@ -64,8 +65,12 @@ class AlignITScript(scripts.Script):
         """One concept row (trigger, class word with its Suggest button, source, strength) and the suggestions under
         it; returns the row's four inputs and what wires Suggest once the placeholder field exists."""
         with gr.Row(elem_classes=["alignit-concept"]):
-            trigger = gr.Textbox(label="Trigger", placeholder="<sks>", max_lines=1, elem_id=f"alignit_{tab}_trigger_{i}")
-            class_word = gr.Textbox(label="Class word", placeholder="cat", max_lines=1, elem_id=f"alignit_{tab}_class_{i}")
+            trigger = gr.Textbox(
+                label="Trigger", placeholder="<sks>", max_lines=1, min_width=ROW_MIN, elem_id=f"alignit_{tab}_trigger_{i}"
+            )
+            class_word = gr.Textbox(
+                label="Class word", placeholder="cat", max_lines=1, min_width=ROW_MIN, elem_id=f"alignit_{tab}_class_{i}"
+            )
             suggest = gr.Button(
                 "Suggest", size="sm", scale=0, min_width=0, elem_id=f"alignit_{tab}_suggest_{i}", elem_classes=["alignit-suggest"]
             )
@@ -74,9 +79,12 @@ class AlignITScript(scripts.Script):
                 choices=source_choices(),
                 value="",
                 allow_custom_value=True,
+                min_width=ROW_MIN,
                 elem_id=f"alignit_{tab}_source_{i}",
             )
-            strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"alignit_{tab}_strength_{i}")
+            strength = gr.Slider(
+                0.0, 2.0, value=1.0, step=0.05, label="Strength", min_width=ROW_MIN, elem_id=f"alignit_{tab}_strength_{i}"
+            )
         with gr.Row(visible=False, elem_id=f"alignit_{tab}_suggestions_{i}", elem_classes=["alignit-suggestions"]) as shown:
             message = gr.Markdown("", visible=False, elem_id=f"alignit_{tab}_suggestion_message_{i}")
             choices = [
