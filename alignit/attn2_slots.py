@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from .kv import KVRewriter
+
 _LAYER = re.compile(r"^(?:(input|output)_blocks\.(\d+)|middle_block)\.1\.transformer_blocks\.(\d+)\.attn2$")
 
 
@@ -38,3 +40,24 @@ def _cond_rows(order: tuple[int, ...], batch: int) -> torch.Tensor | None:
     size = batch // len(order)
     rows = [chunk * size + i for chunk, kind in enumerate(order) if kind == 0 for i in range(size)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def block_of(extra_options: dict) -> tuple:
+    """Which transformer block a patch call is for, ``(block, transformer index)``: what an ``attn2_patch`` observer
+    and the replace patch after it compare to know they see the same block."""
+    return (extra_options.get("block"), extra_options.get("block_index"))
+
+
+Seen = tuple[tuple, torch.Tensor, torch.Tensor]
+"""What an ``attn2_patch`` observer noted: the block, and the context and value the block is about to project."""
+
+
+def rewrite_seen(
+    rewriter: KVRewriter, layer: str, seen: Seen | None, extra_options: dict, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The replace patch's k and v with the concept rows rewritten, when the observer saw this very block's context
+    (its cond chunks only); k and v as they are otherwise."""
+    if seen is None or seen[0] != block_of(extra_options):
+        return k, v
+    rows = cond_batch_rows(extra_options, k.shape[0])
+    return rewriter.rewrite((layer, "k"), seen[1], k, rows), rewriter.rewrite((layer, "v"), seen[2], v, rows)

@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 from server import PromptServer
 from weight_files import cd_state, lora_state, random_cd_weights, random_factors, random_text_factors
 
+from alignit.attn2_slots import block_key, cond_batch_rows
 from alignit.hosts.comfyui import nodes
-from alignit.hosts.comfyui.attention import Replace, block_key, cond_batch_rows
+from alignit.hosts.comfyui.attention import Replace
 from alignit.hosts.comfyui.encoder import ComfyEncoder, sd_streams
 from alignit.kv import KVRewriter
 from alignit.kv_hooks import attn2_modules

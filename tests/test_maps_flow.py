@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from webui_flow import FakeModel, Processing, generate, script_args
 from weight_files import lora_state, random_factors, random_text_factors
 
+from alignit.attn2_slots import block_key
 from alignit.hosts.webui import a1111, a1111_maps, forge_maps, maps
 from alignit.hosts.webui import args as alignit_args
-from alignit.hosts.webui.forge_attention import block_key
 from alignit.kv_hooks import attn2_modules
 
 SKS = ["sks", "cat", "", 1.0]

@@ -28,14 +28,10 @@ from typing import Any
 import torch
 from comfy.ldm.modules import attention
 
-from ...attn2_slots import block_key, cond_batch_rows
+from ...attn2_slots import Seen, block_key, block_of, rewrite_seen
 from ...kv import KVRewriter
 
 log = logging.getLogger("alignit")
-
-
-def _where(extra_options: dict) -> tuple:
-    return (extra_options.get("block"), extra_options.get("block_index", 0))
 
 
 class AttentionPatch:
@@ -44,7 +40,7 @@ class AttentionPatch:
     def __init__(self, rewriter: KVRewriter):
         self.rewriter = rewriter
         self.active = True
-        self._seen: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (where, context, value) just observed
+        self._seen: Seen | None = None
 
     def install(self, model: Any) -> None:
         """Register the patches on ``model`` (a clone the caller owns), wrapping replace patches already there.
@@ -66,7 +62,7 @@ class AttentionPatch:
     def _observer(self) -> Callable:
         def observe(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict) -> tuple:
             if self.active:
-                self._seen = (_where(extra_options), context, context if value is None else value)
+                self._seen = (block_of(extra_options), context, context if value is None else value)
             return n, context, value
 
         return observe
@@ -76,11 +72,9 @@ class AttentionPatch:
     ) -> Any:
         """The replace patch of ``layer``: rewrite the concept rows of k/v, then attend as the slot would have."""
         seen, self._seen = self._seen, None
-        if layer is not None and self.active and seen is not None and seen[0] == _where(extra):
+        if layer is not None and self.active:
             try:
-                rows = cond_batch_rows(extra, k.shape[0])
-                k = self.rewriter.rewrite((layer, "k"), seen[1], k, rows)
-                v = self.rewriter.rewrite((layer, "v"), seen[2], v, rows)
+                k, v = rewrite_seen(self.rewriter, layer, seen, extra, k, v)
             except Exception:  # a failure must cost the concept's K/V weights, not the image
                 log.exception("AlignIT: rewriting keys/values; the concepts' own key/value weights are left out from here on")
                 self.active = False

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ...attn2_slots import block_key, cond_batch_rows
+from ...attn2_slots import Seen, block_key, block_of, rewrite_seen
 from ...kv import Key, KVRewriter
 
 log = logging.getLogger("alignit")
@@ -37,7 +37,7 @@ class AttentionPatch:
         self.attention = attention
         self.active = True
         self.error: str | None = None
-        self._seen: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # (block, context, value) just observed
+        self._seen: Seen | None = None
 
     def install(self, unet: Any) -> None:
         """Register the patches on ``unet`` (a clone the caller owns), wrapping replace patches already there."""
@@ -59,11 +59,9 @@ class AttentionPatch:
     def _replacement(self, layer: str, inner: Callable | None) -> Callable:
         def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             seen, self._seen = self._seen, None
-            if self.active and seen is not None and seen[0] == block_of(extra_options):
+            if self.active:
                 try:
-                    rows = cond_batch_rows(extra_options, k.shape[0])
-                    k = self.rewriter.rewrite((layer, "k"), seen[1], k, rows)
-                    v = self.rewriter.rewrite((layer, "v"), seen[2], v, rows)
+                    k, v = rewrite_seen(self.rewriter, layer, seen, extra_options, k, v)
                 except Exception as error:  # a failure must cost the concept's K/V weights, not the generation
                     log.exception("AlignIT: rewriting keys/values")
                     self.error = f"{type(error).__name__}: {error}"
@@ -82,8 +80,3 @@ class AttentionPatch:
         self.active = False
         self._seen = None
         self.rewriter.release()
-
-
-def block_of(extra_options: dict) -> tuple:
-    """Which block a patch call is for: ``(block, transformer index)``."""
-    return (extra_options.get("block"), extra_options.get("block_index"))
