@@ -15,8 +15,8 @@ row is never touched. No batch layout is assumed (cond/uncond order, AND parts, 
 Per UNet call the chunks of the context are compared once with the table; per layer the rewrite is one gather and
 one ``index_add_`` over the concept rows of every chunk window, masked by that comparison: no host-device
 synchronisation. In the "full" scope the WebUI applies the LoRA to the whole UNet and the rewriter takes ``ΔW·x``
-back out of every row first. Hosts run it from forward hooks on ``to_k``/``to_v`` (``kv_hooks.py``: A1111, diffusers) or attention
-patches (``hosts/webui/forge_attention.py``).
+back out of every row first. Hosts run it from forward hooks on ``to_k``/``to_v`` (``kv_hooks.py``: A1111, diffusers)
+or attn2 patches (``attn2_slots.py``: Forge, ComfyUI).
 """
 
 from __future__ import annotations

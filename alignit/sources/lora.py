@@ -110,3 +110,10 @@ def load_lora(path: str | Path, name: str | None = None) -> LoraFactors:
     """Read a LoRA file (safetensors, or a torch pickle read by :mod:`.safe_pickle`)."""
     path = Path(path)
     return parse_lora(name or path.stem, load_tensors(path))
+
+
+def refuse_ia3(tensors: Mapping[str, torch.Tensor], loader: str) -> None:
+    """ConceptError when a LoRA file holds (IA)³ modules (kohya's ``on_input`` part), for a host whose ``loader`` does
+    not read them."""
+    if any(key.endswith(".on_input") for key in tensors):
+        raise ConceptError(f"it holds (IA)³ modules, which {loader} does not read (A1111's does)")

@@ -31,7 +31,7 @@ from ...kv import Delta, Dense, Key, LowRank, check_fits
 from ...kv_hooks import attn2_modules
 from ...sources.custom_diffusion import EXTENSIONS, CustomDiffusionDelta, load_custom_diffusion
 from ...sources.files import flatten, load_tensors, read_cached
-from ...sources.lora import parse_lora
+from ...sources.lora import parse_lora, refuse_ia3
 from .encoder import ComfyEncoder, unet
 
 CD_FOLDER = "custom_diffusion"
@@ -165,10 +165,10 @@ class ComfySources:
 
     def lora(self, concept: Concept, spec: SourceSpec) -> ConceptSource:
         tensors = read_cached(_tensors, self._path("loras", concept, spec))
-        if any(key.endswith(".on_input") for key in tensors):
-            raise ConceptError(
-                f"LoRA '{spec.name}' holds (IA)³ modules, which ComfyUI's LoRA loader does not read (A1111's does)"
-            )
+        try:
+            refuse_ia3(tensors, "ComfyUI's LoRA loader")
+        except ConceptError as error:
+            raise ConceptError(f"LoRA '{spec.name}': {error}") from None
         parts = lora_parts(self.model, self.encoder.clip, tensors, spec.weight)
         try:  # what AlignIT's own reader finds, which knows key schemes ComfyUI 0.8.0 does not (diffusers' "unet.…")
             held = len(parse_lora(spec.name, tensors).kv)

@@ -20,6 +20,7 @@ from ...errors import ConceptError, NotLoaded, Unsupported
 from ...kv import Delta, Dense, Key, LowRank
 from ...kv_hooks import attn2_modules
 from ...sources.files import flatten, load_tensors, read_cached
+from ...sources.lora import refuse_ia3
 from ...sources.names import text_module
 from ...text_lora import tower_loras
 from . import sources as webui_sources
@@ -73,8 +74,7 @@ def lora_parts(
 ) -> tuple[dict[Key, Delta], list[dict[str, Delta]], int]:
     """A LoRA's cross-attention K/V parts and per text engine parts at ``strength``, and how many of its
     modules match nothing in this model."""
-    if any(key.endswith(".on_input") for key in tensors):
-        raise ConceptError("it holds (IA)³ modules, which Forge's LoRA loader does not read (A1111's does)")
+    refuse_ia3(tensors, "Forge's LoRA loader")
     original = sd_model.forge_objects_original
     unet_model, clip_model = original.unet.model, original.clip.cond_stage_model
     unet_patches, rest = load_lora(dict(tensors), model_lora_keys_unet(unet_model, {}))
