@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConceptError
-from .files import load_tensors
 
 SDXL_KEYS = ("clip_l", "clip_g")
 """The vectors of SDXL's CLIP-L and OpenCLIP-G text encoders, in the order their rows are concatenated."""
@@ -57,8 +55,3 @@ def parse_embedding(name: str, tree: Mapping[str, Any]) -> Embedding:
     raise ConceptError(
         f"'{name}' is not a textual-inversion embedding (no string_to_param, emb_params, clip_l/clip_g or single vector)"
     )
-
-
-def load_embedding(path: str | Path) -> Embedding:
-    path = Path(path)
-    return parse_embedding(path.stem, load_tensors(path))

@@ -91,7 +91,3 @@ class MapPatch:
         self.active = False
         self._seen = None
         self._matched = None
-
-
-def _where(extra_options: dict) -> tuple:
-    return (extra_options.get("block"), extra_options.get("block_index"))
